@@ -1,0 +1,63 @@
+"""The command line: `python -m ipu_effnet <command> [args]`.
+
+Each command lives in its own module under `ipu_effnet/commands/` with two functions:
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int          # the exit status
+
+Commands import their heavy dependencies (torch, models) inside `run`, so `--help` and config errors
+answer in well under a second. Any `UsageError` (a bad config, path, model name or option, found before
+heavy work starts) is printed as one line on stderr and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+from ipu_effnet.errors import UsageError
+
+# (name, module, one-line help). Order is the order `--help` shows.
+COMMANDS: List[Tuple[str, str, str]] = [
+    ("info", "ipu_effnet.commands.info", "parameters, GMACs and the stage table of a model"),
+    ("check", "ipu_effnet.commands.check", "validate a recipe (config + overrides), build its model, print the resolved config"),
+    ("bench", "ipu_effnet.commands.bench", "measure training/inference images per second, optionally against another configuration"),
+]
+
+
+def build_parser(commands: Sequence[Tuple[str, str, str]] = COMMANDS) -> Tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m ipu_effnet",
+        description="EfficientNet training on Graphcore IPUs and plain PyTorch: G16, GroupNorm/LayerNorm/Proxy Norm, "
+                    "half-resolution recipes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, module_name, help_text in commands:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command whose module is not there yet
+        cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd_parser)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
