@@ -47,23 +47,28 @@ class BlockArgs:
     path: str              # module path in the built model, "blocks.<stage>.<index>"
 
 
-def group_size_for(channels: int, group_size: int, fit: bool, where: str) -> int:
-    """Channels per group for a grouped convolution over `channels`.
+def groups_for(channels: int, group_size: int, fit: bool, where: str) -> int:
+    """Number of groups of a grouped convolution over `channels` with `group_size` channels per group.
 
-    group_size must divide the channels. With `fit`, a group size that does not divide falls back to
-    gcd(channels, group_size) (the G16 variants of B3 and B6, whose 40- and 56-channel stems feed the
-    first block, use 8 there); without it the mismatch is an error naming the convolution.
+    group_size must divide the channels. With `fit` (the *_g16 variants), a channel count that it does
+    not divide takes max(channels // group_size, 1) groups, the rule of Graphcore's public G16 code
+    (24 channels -> 1 group of 24; 40 -> 2 groups of 20); where even that does not divide the channels
+    (56 in B6's stem), the largest smaller number of groups that does (56 -> 2 groups of 28).
+    Without `fit` the mismatch is an error naming the convolution.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if channels % group_size == 0:
-        return group_size
+        return channels // group_size
     if fit:
-        return math.gcd(channels, group_size)
+        groups = max(channels // group_size, 1)
+        while channels % groups:
+            groups -= 1
+        return groups
     divisors = [d for d in range(1, channels + 1) if channels % d == 0]
     raise ValueError(
         f"group_size {group_size} does not divide the {channels} channels of {where}; "
-        f"divisors of {channels}: {divisors} (or pass fit_group_size=True to use gcd({channels}, {group_size}) there)")
+        f"divisors of {channels}: {divisors} (or fit_group_size=True: max({channels} // {group_size}, 1) groups there)")
 
 
 def build_blocks(stages: Sequence[StageSpec], width: float = 1.0, depth: float = 1.0, group_size: int = 1,
@@ -74,8 +79,9 @@ def build_blocks(stages: Sequence[StageSpec], width: float = 1.0, depth: float =
     - channels: `round_channels(ch, width)`; repeats: `ceil(repeats * depth)`;
     - the stage stride applies to its first block only; later blocks take the stage's output width;
     - `expand_ratio` replaces the expansion of every stage whose table expansion is not 1;
-    - `group_size` is the channels per group of the MBConv spatial convolution (1 = depthwise);
-      Fused-MBConv has no separate spatial convolution and ignores it;
+    - `group_size` is the channels per group of the MBConv spatial convolution (1 = depthwise;
+      see `groups_for` for `fit_group_size`); Fused-MBConv has no separate spatial convolution and
+      ignores it;
     - drop-path rate of block i (counted over the whole network, from 0) is rate * i / total_blocks.
     """
     repeats = [round_repeats(s.repeats, depth) for s in stages]
@@ -92,7 +98,7 @@ def build_blocks(stages: Sequence[StageSpec], width: float = 1.0, depth: float =
             path = f"blocks.{stage_idx}.{block_idx}"
             groups = 1
             if spec.block == "mbconv":
-                groups = mid_chs // group_size_for(mid_chs, group_size, fit_group_size, f"{path}.conv_dw")
+                groups = groups_for(mid_chs, group_size, fit_group_size, f"{path}.conv_dw")
             blocks.append(BlockArgs(
                 block=spec.block,
                 in_chs=in_chs,

@@ -48,8 +48,9 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3,
                     None keeps the variant's own (1, or 16 for *_g16)
     expand_ratio:   expansion of the inverted-residual stages (the first expand-1 stage stays at 1);
                     None keeps the variant's own (6 in V1, 4 for *_g16, the table's values in V2)
-    fit_group_size: where group_size does not divide a convolution's channels, use their gcd instead
-                    of failing (on for the *_g16 variants, whose B3/B6 stems have 40/56 channels)
+    fit_group_size: where group_size does not divide a convolution's channels, use
+                    max(channels // group_size, 1) groups instead of failing (on for the *_g16
+                    variants: B3..B6 have 24-, 40- or 56-channel expand-1 blocks)
     drop_rate:      dropout before the classifier; None keeps the variant's (0.2 for B0 ... 0.5 for B7)
     drop_path_rate: stochastic-depth rate of the last block (linear schedule from 0)
 
@@ -72,7 +73,8 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3,
     model.model_args = model_args_dict(name, num_classes=num_classes, in_chans=in_chans, norm=spec, act=act,
                                        group_size=gs, expand_ratio=er, fit_group_size=fit, drop_rate=dr,
                                        drop_path_rate=drop_path_rate)
-    model.default_resolution = mdef.train_res
+    model.train_resolution = mdef.train_res
+    model.eval_resolution = mdef.eval_res
     return model
 
 

@@ -97,12 +97,9 @@ class ModelDef:
     drop_rate: float          # dropout before the classifier
     group_size: int = 1       # channels per group of the MBConv spatial convolution (1 = depthwise)
     expand_ratio: Optional[float] = None   # override of the inverted-residual stages' expansion
-    fit_group_size: bool = False           # see builder.group_size_for
+    fit_group_size: bool = False           # see builder.groups_for
     family: str = "efficientnet"
 
-    @property
-    def native_res(self) -> int:
-        return self.train_res
 
 
 # Compound-scaling coefficients (EfficientNet paper, section 3.3 and the public code's table).
@@ -127,9 +124,9 @@ def _registry() -> Dict[str, ModelDef]:
     models: Dict[str, ModelDef] = {}
     for key, (width, depth, res, dropout) in _V1_COEFFICIENTS.items():
         models[f"efficientnet_{key}"] = ModelDef(EFFICIENTNET_V1, width, depth, res, res, dropout)
-        # B3 and B6 have a stem of 40 / 56 channels, which 16 does not divide: the G16 variants fit the
-        # group size of those convolutions (gcd(channels, 16) = 8 channels per group). All other
-        # spatial convolutions of every G16 variant have exactly 16 channels per group.
+        # Every expanded convolution of a G16 variant has exactly 16 channels per group. The expand-1
+        # first stage of B3..B6 runs on 24, 40 or 56 channels, which 16 does not divide: there the
+        # group count is fitted (builder.groups_for), as Graphcore's public G16 code does.
         models[f"efficientnet_{key}_g16"] = ModelDef(
             EFFICIENTNET_V1, width, depth, res, res, dropout,
             group_size=G16_GROUP_SIZE, expand_ratio=G16_EXPAND_RATIO, fit_group_size=True)
