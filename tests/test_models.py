@@ -242,3 +242,14 @@ def test_drop_path_drops_whole_samples_and_rescales():
 def test_in_chans_option():
     model = create_model("efficientnet_tiny", num_classes=4, in_chans=1)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+
+
+def test_family_table_puts_g1_beside_g16():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["info", "--family"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in out.getvalue().splitlines() if line.startswith("| ")}
+    assert "| 224 | 5,288,548 | 0.386 |" in rows["B0"]
+    assert "66,347,960" in rows["B7"] and "118,515,272" in rows["V2-L"]
+    g16 = meta_model("efficientnet_b4_g16")
+    assert f"{sum(p.numel() for p in g16.parameters()):,}" in rows["B4"]

@@ -18,6 +18,8 @@ from ipu_effnet.errors import UsageError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the model names and their native resolutions")
+    parser.add_argument("--family", action="store_true",
+                        help="print the family table (G1 beside G16, and V2) as Markdown, as in the README")
     parser.add_argument("--res", type=int, default=None, help="input resolution (default: the model's native test resolution)")
     parser.add_argument("--norm", default="batch", help="batch | group | layer | none, +proxy for Proxy Norm (default: batch)")
     parser.add_argument("--group-size", type=int, default=None, help="channels per group of the spatial convolutions")
@@ -55,14 +57,42 @@ def list_models_text() -> str:
     return "\n".join(lines)
 
 
+def family_table(norm: str = "batch") -> str:
+    """Markdown: params and GMACs at native resolution for B0..B7 beside their G16 variants, and V2."""
+    import torch
+
+    from ipu_effnet.models import create_model
+    from ipu_effnet.models.profile import profile_model
+
+    def measure(name: str):
+        with torch.device("meta"):
+            model = create_model(name, norm=norm)
+        return model, profile_model(model, model.eval_resolution)
+
+    lines = ["| model | resolution | params (G1) | GMACs (G1) | params (G16) | GMACs (G16) |",
+             "|---|---|---|---|---|---|"]
+    for i in range(8):
+        model, g1 = measure(f"efficientnet_b{i}")
+        _, g16 = measure(f"efficientnet_b{i}_g16")
+        lines.append(f"| B{i} | {g1.resolution} | {g1.params:,} | {g1.gmacs:.3f} | {g16.params:,} | {g16.gmacs:.3f} |")
+    for size in "sml":
+        model, prof = measure(f"efficientnetv2_{size}")
+        lines.append(f"| V2-{size.upper()} | {model.train_resolution} train / {prof.resolution} test | {prof.params:,} | "
+                     f"{prof.gmacs:.3f} | | |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.models.profile import profile_model, stage_table
 
     if args.list:
         print(list_models_text())
         return 0
+    if args.family:
+        print(family_table(args.norm))
+        return 0
     if not args.model:
-        raise UsageError("info needs --model NAME (or --list to see the names)")
+        raise UsageError("info needs --model NAME (or --list to see the names, --family for the family table)")
     model = model_from_args(args)
     res = args.res if args.res is not None else model.eval_resolution
     if res < 32:

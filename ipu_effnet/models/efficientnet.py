@@ -12,7 +12,7 @@ Module paths (stable names for pipeline splits, recomputation and fine-tuning):
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,9 +25,10 @@ from .builder import BlockArgs
 
 class EfficientNet(nn.Module):
     def __init__(self, block_args: Sequence[Sequence[BlockArgs]], stem_chs: int, head_chs: int,
-                 num_classes: int = 1000, in_chans: int = 3, norm: NormSpec = NormSpec(), act: str = "silu",
+                 num_classes: int = 1000, in_chans: int = 3, norm: Optional[NormSpec] = None, act: str = "silu",
                  drop_rate: float = 0.2) -> None:
         super().__init__()
+        norm = NormSpec() if norm is None else norm
         self.num_classes = num_classes
         self.block_args: List[List[BlockArgs]] = [list(stage) for stage in block_args]
         self.stem = ConvNormAct(in_chans, stem_chs, 3, 2, norm, act)
