@@ -22,6 +22,8 @@ from ipu_effnet.errors import UsageError
 # (name, module, one-line help). Order is the order `--help` shows.
 COMMANDS: List[Tuple[str, str, str]] = [
     ("info", "ipu_effnet.commands.info", "parameters, GMACs and the stage table of a model"),
+    ("train", "ipu_effnet.commands.train", "train a recipe (PyTorch backend: CPU/CUDA, DDP under torchrun)"),
+    ("evaluate", "ipu_effnet.commands.evaluate", "top-1/top-5/loss of a checkpoint at any resolution"),
     ("check", "ipu_effnet.commands.check", "validate a recipe (config + overrides), build its model, print the resolved config"),
     ("bench", "ipu_effnet.commands.bench", "measure training/inference images per second, optionally against another configuration"),
 ]

@@ -1,0 +1,84 @@
+"""The PyTorch backend: CPU or CUDA, optionally DistributedDataParallel under torchrun.
+
+One precision path: the forward runs under `autocast` when the precision asks for reduced precision
+and under a null context otherwise, so fp32 and mixed precision share every line (a lesson from
+torchvision's reference script, which once stepped the optimiser twice through separate branches).
+Gradient accumulation splits the host batch into micro-batches; under DDP only the last micro-batch
+synchronises gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+# Graphcore's precision names (weights.partials) mapped to what autocast offers on each device.
+_AUTOCAST = {
+    ("32.32", "cpu"): None,
+    ("32.32", "cuda"): None,
+    ("bf16", "cpu"): torch.bfloat16,
+    ("bf16", "cuda"): torch.bfloat16,
+    ("16.32", "cpu"): torch.bfloat16,   # CPUs have no fast fp16: bf16 is the reduced precision there
+    ("16.16", "cpu"): torch.bfloat16,
+    ("16.32", "cuda"): torch.float16,
+    ("16.16", "cuda"): torch.float16,
+}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    try:
+        return _AUTOCAST[(precision, device.type)]
+    except KeyError:
+        raise ValueError(f"precision {precision!r} is not supported on {device.type}") from None
+
+
+class TorchRunner:
+    """Runs training steps of a TrainingModel (or its DDP wrapper) with an optimiser."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int = 1,
+                 precision: str = "32.32", device: Optional[torch.device] = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_accum = int(grad_accum)
+        self.device = device or torch.device("cpu")
+        self.amp_dtype = autocast_dtype(precision, self.device)
+        self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        # fp16 needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.cuda.amp.GradScaler() if self.amp_dtype == torch.float16 else None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        if images.shape[0] % self.grad_accum:
+            raise ValueError(f"host batch of {images.shape[0]} is not a multiple of grad_accum {self.grad_accum}")
+        self.model.train()
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        loss_sum = 0.0
+        correct = 0
+        for i, (x, y) in enumerate(zip(images.chunk(self.grad_accum), labels.chunk(self.grad_accum))):
+            last = i == self.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not self.ddp) else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, logits = self.model(x, y)
+                scaled = loss / self.grad_accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += float(loss.detach()) * x.shape[0]
+            correct += int((logits.detach().argmax(1) == y).sum())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = images.shape[0]
+        return {"loss": loss_sum / n, "correct": correct, "samples": n}

@@ -1,0 +1,281 @@
+"""The training loop: one flat function, with policy (schedule, averaging, checkpoints) in the small
+functions it calls (nanoGPT's shape).
+
+    summary = train(cfg, run_dir)                  # writes config.yaml, metrics.jsonl, summary.json,
+                                                   # checkpoints/ into run_dir
+    summary = train(cfg, run_dir, resume=True)     # continue from run_dir's newest checkpoint
+
+Global batch = micro-batch x gradient accumulation x data-parallel ranks; the loader yields host
+batches of micro-batch x accumulation images per rank. Checkpoints are written at epoch ends (every
+`train.checkpoint_every` epochs and at the last), by rank 0 only; a resumed run restores the model,
+optimiser, averager and RNG states and continues with the next epoch, and on CPU reproduces the
+uninterrupted run exactly (the data order and augmentation are functions of the seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ipu_effnet.backends import resolve_backend
+from ipu_effnet.backends.torch_backend import TorchRunner, autocast_dtype
+from ipu_effnet.config import Config, model_kwargs, write_resolved
+from ipu_effnet.data import create_dataset, create_loader
+from ipu_effnet.errors import UsageError
+from ipu_effnet.models import create_model, native_resolution
+from ipu_effnet.training.averaging import WeightAverager
+from ipu_effnet.training.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from ipu_effnet.training.model import TrainingModel
+from ipu_effnet.training.optim import optimizer_from_config, set_lr
+from ipu_effnet.training.schedules import schedule_from_config
+
+KEEP_CHECKPOINTS = 3
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); a no-op alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sum(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
+    if info.world_size == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def train_resolution(cfg: Config) -> int:
+    return cfg.model.resolution or native_resolution(cfg.model.name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str = "32.32",
+             info: Optional[DistInfo] = None) -> Dict[str, float]:
+    """Top-1, top-5 (fractions) and mean cross entropy over every sample of the loader (all ranks)."""
+    tm = model if isinstance(model, TrainingModel) else TrainingModel(model)
+    was_training = tm.training
+    tm.eval()
+    amp = autocast_dtype(precision, device)
+    ctx = torch.autocast(device_type=device.type, dtype=amp) if amp is not None else None
+    sums = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "samples": 0.0}
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        if ctx is not None:
+            with ctx:
+                loss, logits = tm(images, labels)
+        else:
+            loss, logits = tm(images, labels)
+        k = min(5, logits.shape[1])
+        top = logits.float().topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        sums["correct1"] += float(hit[:, 0].sum())
+        sums["correct5"] += float(hit.any(1).sum())
+        sums["loss"] += float(loss) * labels.shape[0]
+        sums["samples"] += labels.shape[0]
+    tm.train(was_training)
+    sums = all_reduce_sum(sums, info or DistInfo())
+    n = max(sums["samples"], 1.0)
+    return {"top1": sums["correct1"] / n, "top5": sums["correct5"] / n, "loss": sums["loss"] / n,
+            "samples": int(sums["samples"])}
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory (rank 0 only): one JSON object per line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step")
+
+
+def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
+          overrides: Any = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train as `cfg` says (recipe native) and return the summary also written to summary.json."""
+    if cfg.recipe != "native":
+        raise UsageError(f"recipe = {cfg.recipe!r}: only 'native' trains yet (half-resolution and progressive "
+                         "recipes arrive with the recipes issue)")
+    run_dir = Path(run_dir)
+    info = init_distributed(cfg.distributed.backend)
+    say = log if info.is_main else (lambda _msg: None)
+    resolve_backend(cfg.backend, log=say)
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    ckpt = None
+    if resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise UsageError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
+        ckpt = load_checkpoint(path)
+        say(f"resuming from {path}")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_resolved(cfg, run_dir, source=source, overrides=overrides)
+            for stale in ("metrics.jsonl", "summary.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+
+    torch.manual_seed(cfg.train.seed)
+    res = train_resolution(cfg)
+    eval_res = cfg.data.eval_resolution or res
+    name, kwargs = model_kwargs(cfg)
+    try:
+        model = create_model(name, **kwargs)
+    except ValueError as exc:
+        raise UsageError(f"model {name!r}: {exc}") from None
+    train_set = create_dataset(cfg.data, "train", res, train=True, num_classes=cfg.model.num_classes,
+                               seed=cfg.train.seed)
+    val_set = create_dataset(cfg.data, "validation", eval_res, train=False, num_classes=cfg.model.num_classes,
+                             seed=cfg.train.seed)
+    host_batch = cfg.train.micro_batch * cfg.train.grad_accum
+    global_batch = host_batch * info.world_size
+    train_loader = create_loader(train_set, host_batch, train=True, workers=cfg.data.workers,
+                                 seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+    val_loader = create_loader(val_set, cfg.train.micro_batch, train=False, workers=cfg.data.workers,
+                               seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+    steps_per_epoch = len(train_loader)
+    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    model.to(device)
+    tm = TrainingModel.from_config(model, cfg.train).to(device)
+    optimizer = optimizer_from_config(model, cfg.train)
+    schedule = schedule_from_config(cfg.train)
+    averager = WeightAverager(cfg.train.weight_avg_decay, interval="epoch")
+    net: nn.Module = tm
+    if info.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(tm, device_ids=[device.index] if device.type == "cuda" else None)
+    runner = TorchRunner(net, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
+
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        epoch_done, step = restore_checkpoint(ckpt, model, optimizer, {"epoch": averager})
+        start_epoch = int(epoch_done)
+    params = sum(p.numel() for p in model.parameters())
+    say(f"{name} ({cfg.norm.kind}{'+proxy' if cfg.norm.proxy else ''}), {params:,} params, {res} px; "
+        f"{len(train_set)} training images, global batch {global_batch} "
+        f"({cfg.train.micro_batch} x {cfg.train.grad_accum} x {info.world_size}), {total_steps} steps on {device}")
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main)
+    log_every = max(1, cfg.logging.log_every)
+    train_time = 0.0
+    train_images = 0
+    wall_start = time.perf_counter()
+    val: Dict[str, float] = {}
+    for epoch in range(start_epoch, num_epochs):
+        train_loader.set_epoch(epoch)
+        bar = _progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{num_epochs}",
+                        cfg.logging.progress and info.is_main)
+        epoch_sums = {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+        tick = time.perf_counter()
+        for images, labels in train_loader:
+            if step >= total_steps:
+                break
+            lr = schedule.at_step(step, steps_per_epoch)
+            set_lr(optimizer, lr)
+            out = runner.step(images, labels)
+            step += 1
+            now = time.perf_counter()
+            train_time += now - tick
+            tick = now
+            train_images += out["samples"] * info.world_size
+            epoch_sums["loss"] += out["loss"] * out["samples"]
+            epoch_sums["correct"] += out["correct"]
+            epoch_sums["samples"] += out["samples"]
+            ips = train_images / train_time if train_time > 0 else 0.0
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['correct'] / out['samples']:.3f}",
+                            img_s=f"{ips:.1f}", refresh=False)
+            if step % log_every == 0:
+                metrics.write({"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                               "loss": out["loss"], "top1": out["correct"] / out["samples"],
+                               "images_per_sec": ips})
+        bar.close()
+        averager.update(model)
+        sums = all_reduce_sum(epoch_sums, info)
+        val = evaluate(tm, val_loader, device, cfg.train.precision, info)
+        n = max(sums["samples"], 1.0)
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n,
+                  "train_top1": sums["correct"] / n, "val_top1": val["top1"], "val_top5": val["top5"],
+                  "val_loss": val["loss"], "images_per_sec": train_images / max(train_time, 1e-9)}
+        metrics.write(record)
+        say(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}, "
+            f"val top-1 {val['top1']:.2%}, top-5 {val['top5']:.2%}, {record['images_per_sec']:.1f} img/s")
+        last = epoch + 1 == num_epochs
+        if info.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
+            state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers={"epoch": averager},
+                                    config=cfg.to_dict())
+            save_checkpoint(run_dir / "checkpoints" / checkpoint_name(epoch + 1, step), state, keep=KEEP_CHECKPOINTS)
+
+    if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
+        val = evaluate(tm, val_loader, device, cfg.train.precision, info)
+    with averager.swapped_in(model):
+        val_avg = evaluate(tm, val_loader, device, cfg.train.precision, info)
+    summary = {
+        "model": name,
+        "norm": cfg.norm.kind + ("+proxy" if cfg.norm.proxy else ""),
+        "params": params,
+        "resolution": res,
+        "eval_resolution": eval_res,
+        "epochs": cfg.train.epochs,
+        "steps": step,
+        "global_batch": global_batch,
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "val_loss": val["loss"],
+        "val_top1_averaged": val_avg["top1"],
+        "train_images_per_sec": train_images / train_time if train_time > 0 else None,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "world_size": info.world_size,
+    }
+    if info.is_main:
+        with open(run_dir / "summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        say(f"done: val top-1 {val['top1']:.2%} (weight-averaged {val_avg['top1']:.2%}); "
+            f"summary in {run_dir / 'summary.json'}")
+    return summary
