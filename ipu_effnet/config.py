@@ -151,7 +151,8 @@ class TrainConfig:
     micro_batch: int = option(32, ge=1)  # per replica and per step; global = micro x accum x replicas
     grad_accum: int = option(1, ge=1)
     optimizer: str = option("rmsprop_tf", choices=OPTIMIZERS)
-    lr: float = option(0.05, ge=0)  # at the global batch the recipe states (no automatic scaling)
+    lr: float = option(0.05, ge=0)  # at the global batch the recipe states, or at lr_reference_batch
+    lr_reference_batch: Optional[int] = option(None, ge=1)  # set: lr scales linearly to the global batch
     lr_schedule: str = option("exponential", choices=LR_SCHEDULES)
     warmup_epochs: float = option(5.0, ge=0)
     weight_decay: float = option(1e-5, ge=0)
@@ -163,7 +164,9 @@ class TrainConfig:
     channels_last: bool = False
     seed: int = option(0, ge=0)
     weight_avg_decay: float = option(0.97, ge=0, le=1)  # exponential average over per-epoch checkpoints
+    ema_decay: Optional[float] = option(None, ge=0, lt=1)  # set: also a per-step EMA of the weights
     checkpoint_every: int = option(1, ge=1)  # epochs
+    keep_checkpoints: int = option(3, ge=1)  # newest checkpoints kept in the run directory
 
 
 @dataclass

@@ -37,7 +37,7 @@ def sets(overrides):
 
 
 def test_train_writes_the_run_directory(tmp_path):
-    cfg = load(ROOT / "configs" / "tiny-cpu.yaml", TINY + ["train.epochs=2", "train.grad_accum=2"])
+    cfg = load(ROOT / "configs" / "tiny-cpu.yaml", TINY + ["train.epochs=2", "train.grad_accum=2", "train.ema_decay=0.9", "train.keep_checkpoints=1"])
     summary = train(cfg, tmp_path / "run", log=lambda _m: None)
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text()) == pytest.approx(summary)
@@ -50,6 +50,9 @@ def test_train_writes_the_run_directory(tmp_path):
     assert load(run / "config.yaml") == cfg
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt["epoch"] == 2 and ckpt["model_args"]["name"] == "efficientnet_tiny"
+    assert sorted(ckpt["averagers"]) == ["ema", "epoch"] and ckpt["averagers"]["ema"]["num_updates"] == 8
+    assert len(list((run / "checkpoints").glob("*.pt"))) == 1  # keep_checkpoints=1
+    assert summary["val_top1_ema"] is not None
 
 
 def test_evaluate_command_reproduces_the_final_validation(tmp_path, capsys):

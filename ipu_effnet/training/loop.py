@@ -45,8 +45,6 @@ from ipu_effnet.training.model import TrainingModel
 from ipu_effnet.training.optim import optimizer_from_config, set_lr
 from ipu_effnet.training.schedules import schedule_from_config
 
-KEEP_CHECKPOINTS = 3
-
 
 @dataclass
 class DistInfo:
@@ -185,8 +183,12 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     model.to(device)
     tm = TrainingModel.from_config(model, cfg.train).to(device)
     optimizer = optimizer_from_config(model, cfg.train)
-    schedule = schedule_from_config(cfg.train)
+    schedule = schedule_from_config(cfg.train, global_batch=global_batch, reference_batch=cfg.train.lr_reference_batch)
     averager = WeightAverager(cfg.train.weight_avg_decay, interval="epoch")
+    averagers = {"epoch": averager}
+    ema = None
+    if cfg.train.ema_decay is not None:
+        ema = averagers["ema"] = WeightAverager(cfg.train.ema_decay, interval="step")
     net: nn.Module = tm
     if info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(tm, device_ids=[device.index] if device.type == "cuda" else None)
@@ -194,7 +196,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
 
     start_epoch, step = 0, 0
     if ckpt is not None:
-        epoch_done, step = restore_checkpoint(ckpt, model, optimizer, {"epoch": averager})
+        epoch_done, step = restore_checkpoint(ckpt, model, optimizer, averagers)
         start_epoch = int(epoch_done)
     params = sum(p.numel() for p in model.parameters())
     say(f"{name} ({cfg.norm.kind}{'+proxy' if cfg.norm.proxy else ''}), {params:,} params, {res} px; "
@@ -220,6 +222,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             set_lr(optimizer, lr)
             out = runner.step(images, labels)
             step += 1
+            if ema is not None:
+                ema.update(model)
             now = time.perf_counter()
             train_time += now - tick
             tick = now
@@ -248,14 +252,18 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             f"val top-1 {val['top1']:.2%}, top-5 {val['top5']:.2%}, {record['images_per_sec']:.1f} img/s")
         last = epoch + 1 == num_epochs
         if info.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
-            state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers={"epoch": averager},
+            state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers=averagers,
                                     config=cfg.to_dict())
-            save_checkpoint(run_dir / "checkpoints" / checkpoint_name(epoch + 1, step), state, keep=KEEP_CHECKPOINTS)
+            save_checkpoint(run_dir / "checkpoints" / checkpoint_name(epoch + 1, step), state, keep=cfg.train.keep_checkpoints)
 
     if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
         val = evaluate(tm, val_loader, device, cfg.train.precision, info)
     with averager.swapped_in(model):
         val_avg = evaluate(tm, val_loader, device, cfg.train.precision, info)
+    val_ema = None
+    if ema is not None:
+        with ema.swapped_in(model):
+            val_ema = evaluate(tm, val_loader, device, cfg.train.precision, info)
     summary = {
         "model": name,
         "norm": cfg.norm.kind + ("+proxy" if cfg.norm.proxy else ""),
@@ -269,6 +277,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "val_top5": val["top5"],
         "val_loss": val["loss"],
         "val_top1_averaged": val_avg["top1"],
+        "val_top1_ema": val_ema["top1"] if val_ema is not None else None,
         "train_images_per_sec": train_images / train_time if train_time > 0 else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "world_size": info.world_size,
