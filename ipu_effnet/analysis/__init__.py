@@ -1,0 +1,1 @@
+"""Analysis: resolution sweeps, recipe comparison (tables, plots) and benchmarks (`bench`)."""

@@ -1,0 +1,83 @@
+"""The `bench` command and ipu_effnet/analysis/bench.py: option parsing, --vs, and a tiny real run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from ipu_effnet.analysis.bench import BenchConfig, BenchReport, ConfigResult, Timing, format_report, run_bench
+from ipu_effnet.cli import main
+from ipu_effnet.errors import UsageError
+
+TINY = ["--model", "efficientnet_tiny", "--res", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--quiet"]
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_vs_overrides_only_the_named_options():
+    a = BenchConfig(model="efficientnet_b0_g16", norm="layer", res=160, batch=16)
+    b = a.with_overrides("norm=layer+proxy batch=8 channels-last=true expand_ratio=6 group_size=none")
+    assert (b.norm, b.batch, b.channels_last, b.expand_ratio, b.group_size) == ("layer+proxy", 8, True, 6.0, None)
+    assert (b.model, b.res, b.steps) == (a.model, a.res, a.steps)
+    assert b.label(a) == "norm=layer+proxy expand_ratio=6.0 batch=8 channels_last=True"  # field order
+    with pytest.raises(UsageError, match="did you mean 'norm'"):
+        a.with_overrides("nrom=layer")
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        a.with_overrides("layer")
+    with pytest.raises(UsageError, match="batch='many'"):
+        a.with_overrides("batch=many")
+    with pytest.raises(UsageError, match="norm 'layr'"):
+        a.with_overrides("norm=layr")
+    with pytest.raises(UsageError, match="mode"):
+        a.with_overrides("mode=fast")
+
+
+def test_report_ratio_is_b_over_a_of_the_medians():
+    a, b = BenchConfig(), BenchConfig(norm="layer+proxy")
+    report = BenchReport([ConfigResult(a, 224, [Timing(10, 5), Timing(12, 6), Timing(11, 5)], {}),
+                          ConfigResult(b, 224, [Timing(9, 4), Timing(9.9, 4.5), Timing(10, 5)], {})],
+                         repeats=3, environment={"torch": "x", "threads": 2, "cpus": 2, "load_average": [0.1]})
+    assert report.ratio == pytest.approx(9.9 / 11)
+    assert report.ratio_cpu == pytest.approx(4.5 / 5)
+    assert report.paired_ratios == pytest.approx([0.9, 9.9 / 12, 10 / 11])
+    assert report.results[0].spread == pytest.approx(2 / 11)
+    text = format_report(report)
+    assert "B/A = 0.900: B is 10.0% slower" in text and "as A with norm=layer+proxy" in text
+    assert json.loads(json.dumps(report.to_dict()))["ratio"] == pytest.approx(0.9)
+
+
+def test_bench_command_alternates_a_and_b_and_prints_json():
+    status, out, _ = _run(["bench", *TINY, "--norm", "layer", "--repeats", "2", "--vs", "norm=layer+proxy", "--json"])
+    assert status == 0
+    report = json.loads(out)
+    a, b = report["results"]
+    assert (a["config"]["norm"], b["config"]["norm"]) == ("layer", "layer+proxy")
+    assert a["resolution"] == b["resolution"] == 32
+    assert len(a["images_per_s"]) == len(b["images_per_s"]) == 2
+    assert 0 < a["params"] < b["params"]  # Proxy Norm adds gamma_t, beta_t per proxy-normalised channel
+    assert report["ratio"] == pytest.approx(b["median"] / a["median"], rel=1e-3)
+
+
+def test_bench_infer_mode_and_usage_errors():
+    status, out, _ = _run(["bench", *TINY, "--mode", "infer", "--repeats", "1"])
+    assert status == 0 and "inference" in out and "img/s" in out and "B/A" not in out
+    assert _run(["bench", *TINY, "--norm", "batch+proxy"])[0] == 2
+    assert _run(["bench", *TINY, "--vs", "colour=red"])[0] == 2
+    assert _run(["bench", *TINY, "--repeats", "0"])[0] == 2
+    status, _, err = _run(["bench", *TINY, "--model", "efficientnet_b9"])
+    assert status == 2 and "unknown model" in err
+
+
+def test_run_bench_interleaves_rounds():
+    seen = []
+    a = BenchConfig(model="efficientnet_tiny", norm="group", res=32, batch=1, steps=1, warmup=0)
+    run_bench([a, a.with_overrides("norm=none")], repeats=2, progress=seen.append)
+    assert [line.split(":")[0] for line in seen] == ["round 1/2 A", "round 1/2 B", "round 2/2 A", "round 2/2 B"]
