@@ -23,8 +23,13 @@ from ipu_effnet.errors import UsageError
 COMMANDS: List[Tuple[str, str, str]] = [
     ("info", "ipu_effnet.commands.info", "parameters, GMACs and the stage table of a model"),
     ("train", "ipu_effnet.commands.train", "train a recipe (PyTorch backend: CPU/CUDA, DDP under torchrun)"),
+    ("finetune", "ipu_effnet.commands.finetune", "fine-tune a checkpoint at a resolution (last layers, eval preprocessing)"),
     ("evaluate", "ipu_effnet.commands.evaluate", "top-1/top-5/loss of a checkpoint at any resolution"),
     ("check", "ipu_effnet.commands.check", "validate a recipe (config + overrides), build its model, print the resolved config"),
+    ("plan", "ipu_effnet.commands.plan", "choose pipeline splits for N IPUs and check each stage fits In-Processor Memory"),
+    ("sweep", "ipu_effnet.commands.sweep", "top-1 of a checkpoint across test resolutions: sweep.csv, sweep.png"),
+    ("compare", "ipu_effnet.commands.compare", "run, sweep and measure several recipes: one table and two plots"),
+    ("quickstart", "ipu_effnet.commands.quickstart", "a small recipe comparison on the digits data, on CPU in minutes"),
     ("bench", "ipu_effnet.commands.bench", "measure training/inference images per second, optionally against another configuration"),
 ]
 
