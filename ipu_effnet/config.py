@@ -167,16 +167,24 @@ class TrainConfig:
     ema_decay: Optional[float] = option(None, ge=0, lt=1)  # set: also a per-step EMA of the weights
     checkpoint_every: int = option(1, ge=1)  # epochs
     keep_checkpoints: int = option(3, ge=1)  # newest checkpoints kept in the run directory
+    randaugment_magnitude: Optional[float] = option(None, ge=0)  # automl's scale (10: classic max); None/0: off
+    randaugment_ops: int = option(2, ge=1)  # RandAugment operations per image
+    progressive_stages: int = option(4, ge=1)  # recipe progressive: M stages (EfficientNetV2 Algorithm 1)
+    progressive_resolution: List[int] = option([], ge=32)  # [S_0, S_e]; []: [native / 2, native]
+    progressive_dropout: List[float] = option([], ge=0, lt=1)  # [start, end]; []: the model's dropout throughout
+    progressive_randaugment: List[float] = option([], ge=0)  # [start, end] magnitudes; []: randaugment_magnitude
+    progressive_mixup: List[float] = option([], ge=0)  # [start, end] alphas; []: mixup_alpha throughout
 
 
 @dataclass
 class FinetuneConfig:
     epochs: float = option(2.0, ge=0)
     resolution: Optional[int] = option(None, ge=8)  # None: the model's native resolution
-    first_trainable: Optional[str] = option(None, module_path=True)  # e.g. blocks.5.3; None: all train
+    first_trainable: Optional[str] = option(None, module_path=True)  # e.g. blocks.5.3; None: the last two blocks on; stem: all
     lr: float = option(0.25, ge=0)
     micro_batch: Optional[int] = option(None, ge=1)  # None: train.micro_batch
     grad_accum: Optional[int] = option(None, ge=1)  # None: train.grad_accum
+    label_smoothing: Optional[float] = option(None, ge=0, lt=1)  # None: train.label_smoothing
 
 
 @dataclass
@@ -190,6 +198,12 @@ class IpuConfig:
     loss_scaling: float = option(128.0, gt=0)
     stochastic_rounding: bool = False
     executable_cache: Optional[str] = None  # directory for compiled executables
+    auto_loss_scaling: bool = False  # poptorch's automatic loss scaling (loss_scaling is then the start value)
+    optimizer_state_offchip: bool = False  # optimiser state in Streaming Memory instead of on-chip SRAM
+    replicated_tensor_sharding: bool = False  # shard optimiser state across replicas (needs replicas > 1)
+    synthetic_data: bool = False  # no host I/O: data generated on the IPU (throughput measurements)
+    compile_only: bool = False  # compile for an offline Mk2 target (fills executable_cache), then stop
+    ipu_model: bool = False  # force the IPU Model (simulator); without IPUs attached it is used anyway
 
 
 @dataclass
@@ -664,6 +678,11 @@ def _check_config(cfg: Config, where: _Origins) -> None:
         raise ConfigError(f"{where('ipu.pipeline_splits')}: ipu.pipeline_splits = {splits!r} makes "
                           f"{len(splits) + 1} stages but ipu.ipus_per_replica = {ipu.ipus_per_replica}; "
                           f"give ipus_per_replica - 1 splits (or [] to let the planner choose)")
+    for key in ("progressive_resolution", "progressive_dropout", "progressive_randaugment", "progressive_mixup"):
+        value = getattr(cfg.train, key)
+        if len(value) not in (0, 2):
+            raise ConfigError(f"{where('train.' + key)}: train.{key} = {value!r} needs two values, "
+                              f"[start, end] (or [] for the default)")
     amp = ipu.available_memory_proportion
     if len(amp) not in (1, ipu.ipus_per_replica):
         raise ConfigError(f"{where('ipu.available_memory_proportion')}: ipu.available_memory_proportion = "

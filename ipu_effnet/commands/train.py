@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 2 -m ipu_effnet train --config ...     # data parallel
 
 The run directory (default: logging.out_dir / the recipe's name) receives config.yaml (resolved),
-metrics.jsonl, summary.json and checkpoints/.
+metrics.jsonl, summary.json and checkpoints/; the recipe (native | halfres | progressive) runs in phases
+(`training/recipes.py`): halfres puts its phases in train/ and finetune/, and --resume skips completed
+phases and resumes an interrupted one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def run_dir_for(cfg, config_path: str, out: str = None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.config import load
-    from ipu_effnet.training.loop import train
+    from ipu_effnet.training.recipes import run_recipe
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -42,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             raise UsageError("--resume takes the config from the run directory; drop --config")
         cfg = load(resolved, args.overrides)
-        train(cfg, run_dir, resume=True, source=str(resolved), overrides=args.overrides)
+        run_recipe(cfg, run_dir, resume=True, source=str(resolved), overrides=args.overrides)
         return 0
     if not args.config:
         raise UsageError("train needs --config FILE (or --resume DIR)")
     cfg, _, _ = resolve(args.config, args.overrides)  # validates model, module paths before any work
     run_dir = run_dir_for(cfg, args.config, args.out)
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if any(d.is_dir() and any(d.iterdir()) for d in (run_dir / "checkpoints", *run_dir.glob("*/checkpoints"))):
         raise UsageError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
                          "or choose another --out")
-    train(cfg, run_dir, source=args.config, overrides=args.overrides)
+    run_recipe(cfg, run_dir, source=args.config, overrides=args.overrides)
     return 0

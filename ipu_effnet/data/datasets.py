@@ -301,8 +301,10 @@ class DigitsDataset(_Seedable, Dataset):
     num_classes = DIGITS_NUM_CLASSES
 
     def __init__(self, split: str = "train", resolution: int = 32, train: bool = False,
-                 limit: Optional[int] = None, max_shift: Optional[int] = None) -> None:
+                 limit: Optional[int] = None, max_shift: Optional[int] = None,
+                 randaugment: Optional[Callable] = None) -> None:
         self.split = _split_name(split)
+        self.randaugment = randaugment if train else None  # applied to the upsampled image, before the shift
         self.resolution = int(resolution)
         self.train = bool(train)
         self.max_shift = max(1, self.resolution // 16) if max_shift is None else int(max_shift)
@@ -319,7 +321,10 @@ class DigitsDataset(_Seedable, Dataset):
     def __getitem__(self, index: int) -> Sample:
         i = int(self.indices[index])
         img = Image.fromarray(self._images[i])  # 8 x 8 uint8 -> mode "L"
-        arr = np.asarray(img.resize((self.resolution, self.resolution), BILINEAR))
+        img = img.resize((self.resolution, self.resolution), BILINEAR)
+        if self.randaugment is not None:
+            img = self.randaugment(img, self.rng if self.rng is not None else random)
+        arr = np.asarray(img)
         if self.train and self.max_shift > 0:
             arr = random_translate(arr, self.max_shift, self.rng)
         image = torch.from_numpy(np.array(arr, dtype=np.uint8))[None].expand(3, -1, -1).contiguous()
@@ -338,12 +343,14 @@ class DigitsDataset(_Seedable, Dataset):
 
 
 def create_dataset(data_cfg: DataConfig, split: str, resolution: int, train: bool,
-                   num_classes: Optional[int] = None, seed: int = 0) -> Dataset:
+                   num_classes: Optional[int] = None, seed: int = 0, randaugment: Optional[Callable] = None) -> Dataset:
     """The dataset `data_cfg.dataset` names, for `split` ("train" or "validation"; "val" accepted) at
     `resolution` (the caller picks it: data_cfg.eval_resolution, or the trained resolution when None),
     with training augmentation when `train`. `num_classes`: the model's (model.num_classes); it sets the
     classes of the generated data and must match the class count of imagenet and digits. `seed`: the
-    content of the generated data (the digits split is fixed and ignores it)."""
+    content of the generated data (the digits split is fixed and ignores it). `randaugment`: a
+    `data.randaugment.RandAugment` for the training images of imagenet and digits (generated images are
+    tensors and skip it); training with evaluation preprocessing (fine-tuning) passes train=False."""
     split = _split_name(split)
     limit = data_cfg.num_train if split == "train" else data_cfg.num_val
     kind = data_cfg.dataset
@@ -353,12 +360,12 @@ def create_dataset(data_cfg: DataConfig, split: str, resolution: int, train: boo
         classes = num_classes if num_classes is not None else GENERATED_DEFAULT_CLASSES
         return GeneratedDataset(size, classes, resolution, seed=seed, split=split)
     if kind == "digits":
-        dataset = DigitsDataset(split, resolution, train=train, limit=limit)
+        dataset = DigitsDataset(split, resolution, train=train, limit=limit, randaugment=randaugment)
     elif kind == "imagenet":
         if not data_cfg.path:
             raise DataError("data.path is not set; the imagenet dataset needs a folder with "
                             "train/<class>/<image> and validation/<class>/<image> (or val/)")
-        transform = TrainTransform(resolution) if train else EvalTransform(resolution)
+        transform = TrainTransform(resolution, randaugment=randaugment) if train else EvalTransform(resolution)
         dataset = ImageFolderDataset(data_cfg.path, split, transform, limit=limit)
     else:
         raise DataError(f"data.dataset = {kind!r} is not one of {', '.join(map(repr, DATASETS))}")

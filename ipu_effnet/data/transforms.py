@@ -157,11 +157,14 @@ def random_translate(arr: np.ndarray, max_shift: int, rng: Optional[random.Rando
 
 
 class TrainTransform:
-    """RandomResizedCrop to resolution x resolution, then a horizontal flip with probability flip_rate."""
+    """RandomResizedCrop to resolution x resolution, a horizontal flip with probability flip_rate, then
+    RandAugment when given one."""
 
     def __init__(self, resolution: int, scale: Sequence[float] = (0.08, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_rate: float = 0.5) -> None:
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_rate: float = 0.5,
+                 randaugment: Optional[Any] = None) -> None:
         self.resolution = int(resolution)
+        self.randaugment = randaugment  # a data.randaugment.RandAugment applied after crop and flip, or None
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip_rate = float(flip_rate)
@@ -172,11 +175,13 @@ class TrainTransform:
         out = resize_region(img, box, (self.resolution, self.resolution))
         if rng.random() < self.flip_rate:
             out = out.transpose(_FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            out = self.randaugment(out, rng)
         return to_uint8_tensor(out)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(resolution={self.resolution}, scale={self.scale}, ratio={self.ratio}, "
-                f"flip_rate={self.flip_rate})")
+                f"flip_rate={self.flip_rate}, randaugment={self.randaugment!r})")
 
 
 class EvalTransform:

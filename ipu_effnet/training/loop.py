@@ -5,6 +5,12 @@ functions it calls (nanoGPT's shape).
                                                    # checkpoints/ into run_dir
     summary = train(cfg, run_dir, resume=True)     # continue from run_dir's newest checkpoint
 
+`train` runs a native recipe itself and hands `halfres` and `progressive` to the orchestrator
+(`training/recipes.py`, `run_recipe`), which calls back into `train` once per phase with
+`PhaseOptions`: the resolution, the stages (progressive resizing: resolution, dropout, RandAugment and
+mixup per stage, epochs split evenly, one optimiser and schedule throughout), a network to start from,
+frozen layers and evaluation preprocessing for the training images (fine-tuning).
+
 Global batch = micro-batch x gradient accumulation x data-parallel ranks; the loader yields host
 batches of micro-batch x accumulation images per rank. Checkpoints are written at epoch ends (every
 `train.checkpoint_every` epochs and at the last), by rank 0 only; a resumed run restores the model,
@@ -20,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,10 +36,12 @@ from ipu_effnet.backends import resolve_backend
 from ipu_effnet.backends.torch_backend import TorchRunner, autocast_dtype
 from ipu_effnet.config import Config, model_kwargs, write_resolved
 from ipu_effnet.data import create_dataset, create_loader
+from ipu_effnet.data.randaugment import RandAugment
 from ipu_effnet.errors import UsageError
 from ipu_effnet.models import create_model, native_resolution
 from ipu_effnet.training.averaging import WeightAverager
 from ipu_effnet.training.checkpoint import (
+    CHECKPOINT_DIR,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -41,6 +49,7 @@ from ipu_effnet.training.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from ipu_effnet.training.freeze import default_first_trainable, freeze_before
 from ipu_effnet.training.model import TrainingModel
 from ipu_effnet.training.optim import optimizer_from_config, set_lr
 from ipu_effnet.training.schedules import schedule_from_config
@@ -80,6 +89,55 @@ def all_reduce_sum(values: Dict[str, float], info: DistInfo) -> Dict[str, float]
 
 def train_resolution(cfg: Config) -> int:
     return cfg.model.resolution or native_resolution(cfg.model.name)
+
+
+@dataclass
+class Stage:
+    """One stage of a phase: its training resolution and regularisation (None: leave as built)."""
+
+    resolution: int
+    dropout: Optional[float] = None  # the model's `dropout` module rate
+    randaugment: Optional[float] = None  # RandAugment magnitude; None or 0: off
+    mixup: float = 0.0  # TrainingModel.mixup_alpha
+
+
+@dataclass
+class PhaseOptions:
+    """How one phase of a recipe differs from a plain run (recipes.py builds these)."""
+
+    name: str = "train"
+    stages: Optional[List[Stage]] = None  # None: one stage at train_resolution(cfg), the config's regularisation
+    model: Optional[nn.Module] = None  # the network to start from (e.g. the weight-averaged one); None: a new one
+    freeze: bool = False  # freeze the modules before `first_trainable` (fine-tuning)
+    first_trainable: Optional[str] = None  # None with freeze: freeze.default_first_trainable
+    eval_preprocessing: bool = False  # training images get the evaluation transform (fine-tuning)
+
+
+def stage_index(epoch: int, num_epochs: int, num_stages: int) -> int:
+    """The stage an epoch belongs to when `num_epochs` are split evenly over `num_stages`."""
+    return min(num_stages - 1, epoch * num_stages // max(num_epochs, 1))
+
+
+def set_dropout(model: nn.Module, rate: float) -> None:
+    """Set the classifier dropout rate: `model.dropout` is nn.Dropout, or nn.Identity when built at 0."""
+    if isinstance(model.dropout, nn.Dropout):
+        model.dropout.p = float(rate)
+    elif rate > 0:
+        model.dropout = nn.Dropout(float(rate))  # no parameters: the optimiser is unaffected
+
+
+def apply_stage(stage: Stage, model: nn.Module, tm: TrainingModel) -> None:
+    if stage.dropout is not None:
+        set_dropout(model, stage.dropout)
+    tm.mixup_alpha = float(stage.mixup)
+
+
+def stage_train_set(cfg: Config, stage: Stage, eval_preprocessing: bool) -> Any:
+    augment = None
+    if stage.randaugment and not eval_preprocessing:
+        augment = RandAugment(stage.randaugment, cfg.train.randaugment_ops)
+    return create_dataset(cfg.data, "train", stage.resolution, train=not eval_preprocessing,
+                          num_classes=cfg.model.num_classes, seed=cfg.train.seed, randaugment=augment)
 
 
 @torch.no_grad()
@@ -133,11 +191,16 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
-          overrides: Any = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train as `cfg` says (recipe native) and return the summary also written to summary.json."""
-    if cfg.recipe != "native":
-        raise UsageError(f"recipe = {cfg.recipe!r}: only 'native' trains yet (half-resolution and progressive "
-                         "recipes arrive with the recipes issue)")
+          overrides: Any = (), log: Callable[[str], None] = print,
+          phase: Optional[PhaseOptions] = None) -> Dict[str, Any]:
+    """Train as `cfg` says and return the summary also written to summary.json. Without `phase`, a recipe
+    other than native goes to `recipes.run_recipe`; with it, this runs that one phase in `run_dir`."""
+    if phase is None:
+        if cfg.recipe != "native":
+            from ipu_effnet.training.recipes import run_recipe
+
+            return run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
+        phase = PhaseOptions()
     run_dir = Path(run_dir)
     info = init_distributed(cfg.distributed.backend)
     say = log if info.is_main else (lambda _msg: None)
@@ -159,15 +222,24 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                 (run_dir / stale).unlink(missing_ok=True)
 
     torch.manual_seed(cfg.train.seed)
-    res = train_resolution(cfg)
+    stages = phase.stages or [Stage(train_resolution(cfg), None, cfg.train.randaugment_magnitude,
+                                    cfg.train.mixup_alpha)]
+    res = stages[-1].resolution
     eval_res = cfg.data.eval_resolution or res
     name, kwargs = model_kwargs(cfg)
-    try:
-        model = create_model(name, **kwargs)
-    except ValueError as exc:
-        raise UsageError(f"model {name!r}: {exc}") from None
-    train_set = create_dataset(cfg.data, "train", res, train=True, num_classes=cfg.model.num_classes,
-                               seed=cfg.train.seed)
+    if phase.model is not None:
+        model = phase.model
+    else:
+        try:
+            model = create_model(name, **kwargs)
+        except ValueError as exc:
+            raise UsageError(f"model {name!r}: {exc}") from None
+    frozen: List[str] = []
+    first_trainable = None
+    if phase.freeze:
+        first_trainable = phase.first_trainable or default_first_trainable(model)
+        frozen = freeze_before(model, first_trainable)
+    train_set = stage_train_set(cfg, stages[0], phase.eval_preprocessing)
     val_set = create_dataset(cfg.data, "validation", eval_res, train=False, num_classes=cfg.model.num_classes,
                              seed=cfg.train.seed)
     host_batch = cfg.train.micro_batch * cfg.train.grad_accum
@@ -199,7 +271,12 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         epoch_done, step = restore_checkpoint(ckpt, model, optimizer, averagers)
         start_epoch = int(epoch_done)
     params = sum(p.numel() for p in model.parameters())
-    say(f"{name} ({cfg.norm.kind}{'+proxy' if cfg.norm.proxy else ''}), {params:,} params, {res} px; "
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if frozen:
+        say(f"{phase.name}: {params - trainable:,} parameters frozen in {frozen[0]} ... {frozen[-1]}; "
+            f"{trainable:,} train")
+    sizes = " -> ".join(str(s.resolution) for s in stages)
+    say(f"{phase.name}: {name} ({cfg.norm.kind}{'+proxy' if cfg.norm.proxy else ''}), {params:,} params, {sizes} px; "
         f"{len(train_set)} training images, global batch {global_batch} "
         f"({cfg.train.micro_batch} x {cfg.train.grad_accum} x {info.world_size}), {total_steps} steps on {device}")
 
@@ -209,7 +286,19 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     train_images = 0
     wall_start = time.perf_counter()
     val: Dict[str, float] = {}
+    current: Optional[Stage] = None
+    last_checkpoint: Optional[Path] = latest_checkpoint(run_dir) if resume else None
     for epoch in range(start_epoch, num_epochs):
+        stage = stages[stage_index(epoch, num_epochs, len(stages))]
+        if stage is not current:  # progressive resizing: new resolution and regularisation
+            if current is not None or len(stages) > 1:
+                train_loader = create_loader(stage_train_set(cfg, stage, phase.eval_preprocessing), host_batch,
+                                             train=True, workers=cfg.data.workers, seed=cfg.train.seed,
+                                             rank=info.rank, world_size=info.world_size)
+                say(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.resolution} px, dropout "
+                    f"{stage.dropout}, RandAugment {stage.randaugment}, mixup {stage.mixup}")
+            apply_stage(stage, model, tm)
+            current = stage
         train_loader.set_epoch(epoch)
         bar = _progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{num_epochs}",
                         cfg.logging.progress and info.is_main)
@@ -254,7 +343,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         if info.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
             state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers=averagers,
                                     config=cfg.to_dict())
-            save_checkpoint(run_dir / "checkpoints" / checkpoint_name(epoch + 1, step), state, keep=cfg.train.keep_checkpoints)
+            last_checkpoint = save_checkpoint(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch + 1, step), state,
+                                              keep=cfg.train.keep_checkpoints)
 
     if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
         val = evaluate(tm, val_loader, device, cfg.train.precision, info)
@@ -265,6 +355,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         with ema.swapped_in(model):
             val_ema = evaluate(tm, val_loader, device, cfg.train.precision, info)
     summary = {
+        "recipe": cfg.recipe,
+        "phase": phase.name,
         "model": name,
         "norm": cfg.norm.kind + ("+proxy" if cfg.norm.proxy else ""),
         "params": params,
@@ -281,6 +373,9 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "train_images_per_sec": train_images / train_time if train_time > 0 else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "world_size": info.world_size,
+        "trainable_params": trainable,
+        "first_trainable": first_trainable,
+        "checkpoint": str(last_checkpoint) if last_checkpoint is not None else None,
     }
     if info.is_main:
         with open(run_dir / "summary.json", "w", encoding="utf-8") as f:

@@ -1,0 +1,281 @@
+"""Recipes as phases: native, half resolution + fine-tune, progressive resizing (one orchestrator).
+
+    summary = run_recipe(cfg, run_dir)                  # cfg.recipe: native | halfres | progressive
+    summary = run_recipe(cfg, run_dir, resume=True)     # completed phases are kept, an interrupted one resumes
+
+native
+    `loop.train` in `run_dir` (config.yaml, metrics.jsonl, summary.json, checkpoints/).
+halfres (Masters et al. 2021; REFERENCE.md section 5)
+    Phase `train`, in `run_dir/train/`: the training recipe at `halfres_resolution(cfg)`.
+    Phase `finetune`, in `run_dir/finetune/`: from that phase's weight-averaged model (the per-epoch
+    exponential average, decay train.weight_avg_decay), `finetune_config(cfg)` for finetune.epochs at
+    finetune.resolution (default: native) with evaluation preprocessing for the training images (resize
+    + centre crop, no flip, no RandAugment), no mixup or cutmix, the modules before
+    finetune.first_trainable frozen with their norms in eval mode (`freeze.py`), SGD without momentum
+    or warm-up, cosine decay per step from finetune.lr. Label smoothing stays as in training
+    (finetune.label_smoothing overrides it): Graphcore's fine-tuning run reuses the training arguments
+    apart from those listed in section 5, and the smoothed loss is the one the model was trained on.
+    The final checkpoint is also linked into `run_dir/checkpoints/`, so `evaluate`/`sweep --checkpoint
+    RUN_DIR` see the fine-tuned model; `run_dir/summary.json` merges both phases.
+progressive (EfficientNetV2 Algorithm 1; REFERENCE.md section 2)
+    One phase in `run_dir` whose epochs are split evenly over train.progressive_stages stages; stage i
+    trains at S_i = S_0 + (S_e - S_0) i / (M - 1), with dropout, RandAugment magnitude and mixup alpha
+    interpolated the same way. Weights, optimiser and learning-rate schedule run on across stages.
+
+A phase is complete when its summary.json exists; an interrupted one resumes from its newest checkpoint.
+
+Half-resolution sizes: the paper's for B0..B5 (160, 176, 192, 204, 252, 328, also for their G16
+variants) and model.resolution when set; otherwise `halfres_rule`: native / sqrt(2) (half the pixels)
+rounded to the nearest size with the same remainder modulo 32 as the fine-tune resolution, ties to the
+smaller. The network's total stride is 32, so with equal remainders the last feature maps are cropped
+and padded alike at both resolutions (the paper's advice, train % 32 == fine-tune % 32); the rule
+reproduces the paper's B0, B1, B3 and B5 sizes.
+
+Progressive sizes: intermediate stage sizes are rounded to the nearest multiple of 8 (tensor shapes
+that suit vector units and the IPU's tiles, and never more than 4 px from Algorithm 1); the endpoints
+are used exactly as configured, so the last stage trains at the resolution the recipe names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ipu_effnet.config import Config, apply_overrides, write_resolved
+from ipu_effnet.errors import UsageError
+from ipu_effnet.models import native_resolution
+from ipu_effnet.training.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    rebuild_model,
+)
+from ipu_effnet.training.loop import PhaseOptions, Stage, train
+
+__all__ = [
+    "HALFRES_SIZES",
+    "PROGRESSIVE_ROUND",
+    "algorithm1",
+    "finetune_config",
+    "finetune_phase",
+    "halfres_resolution",
+    "halfres_rule",
+    "progressive_stages",
+    "run_recipe",
+]
+
+# The paper's half-resolution training sizes (REFERENCE.md section 5), by V1 variant.
+HALFRES_SIZES: Dict[str, int] = {"efficientnet_b0": 160, "efficientnet_b1": 176, "efficientnet_b2": 192,
+                                 "efficientnet_b3": 204, "efficientnet_b4": 252, "efficientnet_b5": 328}
+PROGRESSIVE_ROUND = 8
+
+
+def halfres_rule(native: int, finetune: Optional[int] = None) -> int:
+    """native / sqrt(2) rounded to the nearest size with finetune's remainder mod 32 (ties: smaller)."""
+    finetune = native if finetune is None else finetune
+    target = native / math.sqrt(2.0)
+    residue = finetune % 32
+    below = residue + 32 * math.floor((target - residue) / 32)
+    above = below + 32
+    best = below if target - below <= above - target else above
+    return int(best if best >= 32 else best + 32)
+
+
+def halfres_resolution(cfg: Config) -> int:
+    """The half-resolution training size: model.resolution, else the paper's, else `halfres_rule`."""
+    if cfg.model.resolution:
+        return cfg.model.resolution
+    name = cfg.model.name[:-len("_g16")] if cfg.model.name.endswith("_g16") else cfg.model.name
+    if name in HALFRES_SIZES:
+        return HALFRES_SIZES[name]
+    native = native_resolution(cfg.model.name)
+    return halfres_rule(native, cfg.finetune.resolution or native)
+
+
+def algorithm1(start: float, end: float, stages: int) -> List[float]:
+    """EfficientNetV2 Algorithm 1: value_i = start + (end - start) * i / (M - 1), i = 0 .. M - 1."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    if stages == 1:
+        return [float(end)]
+    return [start + (end - start) * i / (stages - 1) for i in range(stages)]
+
+
+def _round_size(value: float, first: bool, last: bool, exact: float) -> int:
+    if first or last:
+        return int(round(exact))
+    return int(PROGRESSIVE_ROUND * round(value / PROGRESSIVE_ROUND))
+
+
+def progressive_stages(stages: int, resolution: Sequence[float], dropout: Optional[Sequence[float]] = None,
+                       randaugment: Optional[Sequence[float]] = None,
+                       mixup: Sequence[float] = (0.0, 0.0)) -> List[Stage]:
+    """The stages for given [start, end] endpoints (None: that regulariser is left alone)."""
+    sizes = algorithm1(resolution[0], resolution[1], stages)
+    drops = algorithm1(dropout[0], dropout[1], stages) if dropout else [None] * stages
+    mags = algorithm1(randaugment[0], randaugment[1], stages) if randaugment else [None] * stages
+    mixes = algorithm1(mixup[0], mixup[1], stages)
+    out = []
+    for i in range(stages):
+        size = _round_size(sizes[i], i == 0 and stages > 1, i == stages - 1,
+                           resolution[0] if i == 0 and stages > 1 else resolution[1])
+        out.append(Stage(size, drops[i], mags[i], mixes[i]))
+    return out
+
+
+def progressive_from_config(cfg: Config) -> List[Stage]:
+    t = cfg.train
+    native = cfg.model.resolution or native_resolution(cfg.model.name)
+    resolution = t.progressive_resolution or [max(32, 16 * round(native / 32)), native]
+    magnitude = t.randaugment_magnitude
+    randaugment = t.progressive_randaugment or ([magnitude, magnitude] if magnitude else None)
+    mixup = t.progressive_mixup or [t.mixup_alpha, t.mixup_alpha]
+    return progressive_stages(t.progressive_stages, resolution, t.progressive_dropout or None, randaugment, mixup)
+
+
+def finetune_config(cfg: Config, resolution: Optional[int] = None, epochs: Optional[float] = None,
+                    lr: Optional[float] = None, first_trainable: Optional[str] = None) -> Config:
+    """The config of the fine-tune phase: `cfg` with the train section set as REFERENCE.md section 5 says."""
+    ft = cfg.finetune
+    res = resolution or ft.resolution or native_resolution(cfg.model.name)
+    t = cfg.train
+    sets = [
+        "recipe=native", f"model.resolution={res}", f"data.eval_resolution={res}",
+        f"finetune.resolution={res}",
+        f"train.epochs={ft.epochs if epochs is None else epochs}",
+        f"train.lr={ft.lr if lr is None else lr}", "train.lr_reference_batch=null",
+        "train.optimizer=sgd", "train.momentum=0.0", "train.lr_schedule=cosine", "train.warmup_epochs=0",
+        "train.mixup_alpha=0.0", "train.cutmix=false", "train.randaugment_magnitude=null",
+        f"train.micro_batch={ft.micro_batch or t.micro_batch}", f"train.grad_accum={ft.grad_accum or t.grad_accum}",
+        f"train.label_smoothing={t.label_smoothing if ft.label_smoothing is None else ft.label_smoothing}",
+        "train.ema_decay=null",
+    ]
+    if first_trainable is not None:
+        sets.append(f"finetune.first_trainable={first_trainable}")
+    return apply_overrides(cfg, sets, source="<finetune phase>")
+
+
+def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: bool = True,
+                   log: Callable[[str], None] = print, **kwargs: Any) -> Dict[str, Any]:
+    """Fine-tune the network of a loaded checkpoint (its weight average when `averaged`) in `run_dir`;
+    resumes when run_dir holds checkpoints. kwargs: finetune_config's resolution, epochs, lr, first_trainable."""
+    from ipu_effnet.data import create_dataset, create_loader
+    from ipu_effnet.training.loop import evaluate
+
+    ft_cfg = finetune_config(cfg, **kwargs)
+    resume = latest_checkpoint(run_dir) is not None
+    model = rebuild_model(ckpt, averager="epoch" if averaged else None)
+    before = None
+    before_path = run_dir / "before_finetune.json"
+    if before_path.is_file():
+        before = json.loads(before_path.read_text(encoding="utf-8"))["val_top1"]
+    elif not resume:
+        import torch
+
+        res = ft_cfg.model.resolution
+        val_set = create_dataset(ft_cfg.data, "validation", res, train=False,
+                                 num_classes=ft_cfg.model.num_classes, seed=ft_cfg.train.seed)
+        loader = create_loader(val_set, ft_cfg.train.micro_batch, train=False, workers=ft_cfg.data.workers,
+                               seed=ft_cfg.train.seed)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        before = evaluate(model.to(device), loader, device, ft_cfg.train.precision)["top1"]
+        model.cpu()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(before_path, {"val_top1": before, "resolution": res, "averaged": averaged})
+    phase = PhaseOptions(name="finetune", model=model, freeze=True, first_trainable=ft_cfg.finetune.first_trainable,
+                         eval_preprocessing=True)
+    summary = train(ft_cfg, run_dir, resume=resume, log=log, phase=phase)
+    if before is not None:
+        summary["val_top1_before_finetune"] = before
+        _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _done(phase_dir: Path) -> Optional[Dict[str, Any]]:
+    path = phase_dir / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _link_final(checkpoint: str, run_dir: Path) -> str:
+    """Hard-link (or copy) the recipe's final checkpoint into run_dir/checkpoints/."""
+    src = Path(checkpoint)
+    dst_dir = run_dir / CHECKPOINT_DIR
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / src.name
+    if not dst.exists():
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return str(dst)
+
+
+def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
+               overrides: Any = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run `cfg.recipe` in phases (see the module docstring); returns the summary in run_dir/summary.json."""
+    run_dir = Path(run_dir)
+    if cfg.recipe == "native":
+        return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log, phase=PhaseOptions())
+    if cfg.recipe == "progressive":
+        stages = progressive_from_config(cfg)
+        resume = resume and latest_checkpoint(run_dir) is not None
+        summary = train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log,
+                        phase=PhaseOptions(name="progressive", stages=stages))
+        summary["stage_resolutions"] = [s.resolution for s in stages]
+        _write_json(run_dir / "summary.json", summary)
+        return summary
+    if cfg.recipe != "halfres":
+        raise UsageError(f"recipe = {cfg.recipe!r} is not one of 'native', 'halfres', 'progressive'")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_resolved(cfg, run_dir, source=source, overrides=overrides)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    train_dir, ft_dir = run_dir / "train", run_dir / "finetune"
+    half = halfres_resolution(cfg)
+    main_cfg = apply_overrides(cfg, ["recipe=native", f"model.resolution={half}"], source="<halfres phase>")
+    main = _done(train_dir) if resume else None
+    if main is None:
+        log(f"halfres: phase 1/2, training at {half} px in {train_dir}")
+        main = train(main_cfg, train_dir, resume=resume and latest_checkpoint(train_dir) is not None,
+                     source=source, overrides=overrides, log=log, phase=PhaseOptions(name="train"))
+    ft = _done(ft_dir) if resume else None
+    if ft is None:
+        ckpt = load_checkpoint(latest_checkpoint(train_dir))
+        log(f"halfres: phase 2/2, fine-tuning the weight-averaged model in {ft_dir}")
+        ft = finetune_phase(cfg, ckpt, ft_dir, averaged=True, log=log)
+    summary = dict(main)
+    summary.update({
+        "recipe": "halfres",
+        "phase": "finetune",
+        "finetune_resolution": ft["resolution"],
+        "eval_resolution": ft["eval_resolution"],
+        "val_top1": ft["val_top1"],
+        "val_top5": ft["val_top5"],
+        "val_loss": ft["val_loss"],
+        "val_top1_averaged": ft["val_top1_averaged"],
+        "val_top1_before_finetune": ft.get("val_top1_before_finetune"),
+        "val_top1_train_resolution": main["val_top1"],
+        "finetune_images_per_sec": ft["train_images_per_sec"],
+        "finetune_steps": ft["steps"],
+        "first_trainable": ft["first_trainable"],
+        "trainable_params": ft["trainable_params"],
+        "wall_seconds": main["wall_seconds"] + ft["wall_seconds"],
+        "checkpoint": _link_final(ft["checkpoint"], run_dir) if ft.get("checkpoint") else None,
+        "phases": {"train": main, "finetune": ft},
+    })
+    _write_json(run_dir / "summary.json", summary)
+    before = summary["val_top1_before_finetune"]
+    log(f"halfres done: top-1 {summary['val_top1']:.2%} at {summary['finetune_resolution']} px after fine-tuning"
+        + (f" ({before:.2%} before)" if before is not None else ""))
+    return summary
