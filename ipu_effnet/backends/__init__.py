@@ -7,15 +7,18 @@
 accumulates, steps the optimiser once and returns {"loss", "correct", "samples"}. The loss lives
 inside `TrainingModel.forward`, so every backend calls the same thing.
 
-Backends: `torch` (CPU/CUDA, DistributedDataParallel under torchrun). `ipu` (poptorch) and `pipeline`
-(torch.distributed.pipelining) are the subject of their own issues; asking for them before they exist
-is a clear error.
+Backends: `torch` (CPU/CUDA, DistributedDataParallel under torchrun); `ipu` (poptorch, popdist under
+poprun: ipu_effnet/backends/ipu.py, where the host batch is micro-batch x device iterations x local
+replicas x gradient accumulation, `runner.host_batch`). `pipeline` (torch.distributed.pipelining) is the
+subject of its own issue; asking for it before it exists is a clear error.
+
+    runner = prepare(resolve_backend(cfg.backend, log), training_model, optimizer, cfg, log=log)
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ipu_effnet.errors import UsageError
 
@@ -38,9 +41,31 @@ def resolve_backend(name: str, log: Optional[Callable[[str], None]] = None) -> s
     if name == "ipu":
         if not poptorch_available():
             raise UsageError(POPTORCH_MISSING)
-        raise UsageError("backend 'ipu' is not implemented yet (see the IPU backend issue); use backend=torch")
+        return name
     if name == "pipeline":
         raise UsageError("backend 'pipeline' is not implemented yet (see the pipeline issue); use backend=torch")
     if name != "torch":
         raise UsageError(f"backend = {name!r} is not one of auto, torch, ipu, pipeline")
     return name
+
+
+def prepare(backend_name: str, training_model: Any, optimizer: Any, cfg: Any,
+            log: Optional[Callable[[str], None]] = None, device: Any = None, num_samples: Optional[int] = None,
+            phase: str = "train") -> Any:
+    """A runner with `step(images, labels) -> {"loss", "correct", "samples"}` for a resolved backend name.
+
+    torch: TorchRunner over `training_model` (wrap it in DDP first if needed) on `device`.
+    ipu:   IpuRunner (poptorch.trainingModel); validates the config first; `num_samples` (training images
+           per instance) lets it check that one call's batch fits the data. The loader must then yield
+           `runner.host_batch` images per step, sharded over `runner.instances` (rank `runner.instance`).
+    """
+    if backend_name == "torch":
+        from ipu_effnet.backends.torch_backend import TorchRunner
+
+        return TorchRunner(training_model, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
+    if backend_name == "ipu":
+        from ipu_effnet.backends.ipu import prepare_ipu
+
+        return prepare_ipu(training_model, optimizer, cfg, log=log, num_samples=num_samples, phase=phase)
+    resolve_backend(backend_name)  # the error for 'pipeline' or an unknown name
+    raise UsageError(f"backend = {backend_name!r}: resolve it with resolve_backend first")

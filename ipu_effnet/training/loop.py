@@ -204,7 +204,14 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     run_dir = Path(run_dir)
     info = init_distributed(cfg.distributed.backend)
     say = log if info.is_main else (lambda _msg: None)
-    resolve_backend(cfg.backend, log=say)
+    backend = resolve_backend(cfg.backend, log=say)
+    shard = (info.rank, info.world_size)  # this process's share of the data
+    if backend == "ipu":  # poprun instances are not torch.distributed ranks: instance 0 logs and checkpoints
+        from ipu_effnet.backends.ipu import poprun_instance
+
+        shard = poprun_instance()
+        info = DistInfo(rank=shard[0], world_size=1)
+        say = log if info.is_main else (lambda _msg: None)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     ckpt = None
@@ -242,12 +249,17 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     train_set = stage_train_set(cfg, stages[0], phase.eval_preprocessing)
     val_set = create_dataset(cfg.data, "validation", eval_res, train=False, num_classes=cfg.model.num_classes,
                              seed=cfg.train.seed)
-    host_batch = cfg.train.micro_batch * cfg.train.grad_accum
-    global_batch = host_batch * info.world_size
+    host_batch, eval_batch = cfg.train.micro_batch * cfg.train.grad_accum, cfg.train.micro_batch
+    global_batch = host_batch * shard[1]
+    if backend == "ipu":  # the combined batch rule, checked before any compilation
+        from ipu_effnet.backends.ipu import validate_ipu_config
+
+        layout = validate_ipu_config(cfg, model, instances=shard[1], num_samples=len(train_set) // shard[1])
+        host_batch, eval_batch, global_batch = layout.host_batch, layout.eval_host_batch, layout.global_batch
     train_loader = create_loader(train_set, host_batch, train=True, workers=cfg.data.workers,
-                                 seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
-    val_loader = create_loader(val_set, cfg.train.micro_batch, train=False, workers=cfg.data.workers,
-                               seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+                                 seed=cfg.train.seed, rank=shard[0], world_size=shard[1])
+    val_loader = create_loader(val_set, eval_batch, train=False, workers=cfg.data.workers,
+                               seed=cfg.train.seed, rank=shard[0], world_size=shard[1])
     steps_per_epoch = len(train_loader)
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -264,12 +276,22 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     net: nn.Module = tm
     if info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(tm, device_ids=[device.index] if device.type == "cuda" else None)
-    runner = TorchRunner(net, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
 
     start_epoch, step = 0, 0
     if ckpt is not None:
         epoch_done, step = restore_checkpoint(ckpt, model, optimizer, averagers)
         start_epoch = int(epoch_done)
+    if backend == "ipu":  # after the restore, so the restored weights are what goes to the device
+        from ipu_effnet.backends import prepare
+
+        runner = prepare("ipu", tm, optimizer, cfg, log=say, num_samples=len(train_set) // shard[1])
+    else:
+        runner = TorchRunner(net, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
+
+    def run_eval() -> Dict[str, float]:
+        if backend == "ipu":
+            return runner.evaluate_loader(val_loader)
+        return evaluate(tm, val_loader, device, cfg.train.precision, info)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if frozen:
@@ -278,7 +300,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     sizes = " -> ".join(str(s.resolution) for s in stages)
     say(f"{phase.name}: {name} ({cfg.norm.kind}{'+proxy' if cfg.norm.proxy else ''}), {params:,} params, {sizes} px; "
         f"{len(train_set)} training images, global batch {global_batch} "
-        f"({cfg.train.micro_batch} x {cfg.train.grad_accum} x {info.world_size}), {total_steps} steps on {device}")
+        f"({cfg.train.micro_batch} x {cfg.train.grad_accum} x {shard[1]}), {total_steps} steps on {device}")
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main)
     log_every = max(1, cfg.logging.log_every)
@@ -294,7 +316,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             if current is not None or len(stages) > 1:
                 train_loader = create_loader(stage_train_set(cfg, stage, phase.eval_preprocessing), host_batch,
                                              train=True, workers=cfg.data.workers, seed=cfg.train.seed,
-                                             rank=info.rank, world_size=info.world_size)
+                                             rank=shard[0], world_size=shard[1])
                 say(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.resolution} px, dropout "
                     f"{stage.dropout}, RandAugment {stage.randaugment}, mixup {stage.mixup}")
             apply_stage(stage, model, tm)
@@ -312,11 +334,13 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             out = runner.step(images, labels)
             step += 1
             if ema is not None:
+                if backend == "ipu":  # a per-step EMA needs the weights on the host every step (slow)
+                    runner.sync_weights_to_host()
                 ema.update(model)
             now = time.perf_counter()
             train_time += now - tick
             tick = now
-            train_images += out["samples"] * info.world_size
+            train_images += out["samples"] * shard[1]
             epoch_sums["loss"] += out["loss"] * out["samples"]
             epoch_sums["correct"] += out["correct"]
             epoch_sums["samples"] += out["samples"]
@@ -329,9 +353,11 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                                "loss": out["loss"], "top1": out["correct"] / out["samples"],
                                "images_per_sec": ips})
         bar.close()
+        if backend == "ipu":
+            runner.sync_weights_to_host()
         averager.update(model)
         sums = all_reduce_sum(epoch_sums, info)
-        val = evaluate(tm, val_loader, device, cfg.train.precision, info)
+        val = run_eval()
         n = max(sums["samples"], 1.0)
         record = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n,
                   "train_top1": sums["correct"] / n, "val_top1": val["top1"], "val_top5": val["top5"],
@@ -347,13 +373,13 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                                               keep=cfg.train.keep_checkpoints)
 
     if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
-        val = evaluate(tm, val_loader, device, cfg.train.precision, info)
+        val = run_eval()
     with averager.swapped_in(model):
-        val_avg = evaluate(tm, val_loader, device, cfg.train.precision, info)
+        val_avg = run_eval()
     val_ema = None
     if ema is not None:
         with ema.swapped_in(model):
-            val_ema = evaluate(tm, val_loader, device, cfg.train.precision, info)
+            val_ema = run_eval()
     summary = {
         "recipe": cfg.recipe,
         "phase": phase.name,
@@ -372,7 +398,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "val_top1_ema": val_ema["top1"] if val_ema is not None else None,
         "train_images_per_sec": train_images / train_time if train_time > 0 else None,
         "wall_seconds": time.perf_counter() - wall_start,
-        "world_size": info.world_size,
+        "world_size": shard[1],
         "trainable_params": trainable,
         "first_trainable": first_trainable,
         "checkpoint": str(last_checkpoint) if last_checkpoint is not None else None,

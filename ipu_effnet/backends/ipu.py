@@ -1,0 +1,592 @@
+"""The IPU backend: the same `TrainingModel` compiled by poptorch, pipelined over IPUs and replicated.
+
+Written against poptorch's documented programming model (REFERENCE.md section 7): the loss is computed
+inside `forward` and marked with `poptorch.identity_loss`; `poptorch.trainingModel` runs forward,
+backward and the optimiser step as one compiled program; the host batch of one call is
+micro-batch x device iterations x local replicas x gradient accumulation; `poptorch.BeginBlock(module,
+ipu_id=k)` starts pipeline stage k at a module; optimiser changes reach the device through
+`setOptimizer`. poptorch and popdist ship only with the Poplar SDK, so they are imported inside functions.
+
+    runner = prepare_ipu(training_model, optimizer, cfg, log=print)
+    metrics = runner.step(images, labels)      # {"loss", "correct", "samples"}, like TorchRunner
+    loss, logits = runner.evaluate(images, labels)
+
+How the config maps onto poptorch (Graphcore's EfficientNet configs, REFERENCE.md section 6):
+
+    ipu.replicas                 Options.replicationFactor (popdist.poptorch.Options under poprun)
+    ipu.device_iterations        Options.deviceIterations (inference: at least the number of stages)
+    train.grad_accum             Options.Training.gradientAccumulation, mean reduction over
+                                 accumulation and replicas (accumulationAndReplicationReductionType)
+    train.precision              "16.16": half network, half partials; "16.32": half network, float
+                                 partials; "32.32": float. The loss (log-softmax) and the Proxy Norm
+                                 statistics stay in fp32 either way; optimiser state is fp32.
+    ipu.stochastic_rounding      Options.Precision.enableStochasticRounding
+    ipu.loss_scaling             the poptorch optimiser's loss_scaling (half precision only);
+    ipu.auto_loss_scaling        Options.Training.setAutomaticLossScaling (loss_scaling is the start)
+    ipu.available_memory_proportion   Options.setAvailableMemoryProportion({"IPU0": ..., "IPU1": ...})
+    ipu.optimizer_state_offchip, ipu.replicated_tensor_sharding
+                                 Options.TensorLocations.setOptimizerLocation(TensorLocationSettings)
+    ipu.executable_cache         Options.enableExecutableCaching
+    ipu.synthetic_data           Options.enableSyntheticData
+    ipu.compile_only             Options.useOfflineIpuTarget (Mk2): compile, write the cache, stop
+    ipu.ipu_model                Options.useIpuModel(True); also chosen, with a log line, when poptorch
+                                 finds no IPU hardware
+    train.seed                   Options.randomSeed
+    ipu.pipeline_splits          poptorch.BeginBlock(module, ipu_id=k) at split k-1 (stage k on IPU k)
+    ipu.recompute                poptorch.recomputationCheckpoint on each named module's output
+
+Every check a person can act on (precision, batch rule, pipeline depth, module paths, replica counts)
+runs in `validate_ipu_config` before anything is compiled, and raises `UsageError`.
+
+Mixup and cutmix coefficients are drawn on the host (their sampling does not compile for the IPU) and
+passed in as inputs: per-sample mixup coefficients split with the images; one cutmix box per micro-batch,
+shaped (micro-batches, 4) so that poptorch hands each micro-batch its own (1, 4) row.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ipu_effnet.errors import UsageError
+from ipu_effnet.pipeline.splits import resolve_module_paths, stage_starts
+
+__all__ = [
+    "IPU_PRECISIONS",
+    "IpuLayout",
+    "IpuRunner",
+    "build_options",
+    "create_data_loader",
+    "import_poptorch",
+    "import_popdist",
+    "prepare_ipu",
+    "prepare_model",
+    "poprun_instance",
+    "select_traceable_proxy_norm",
+    "to_poptorch_optimizer",
+    "validate_ipu_config",
+]
+
+# train.precision -> (network dtype, partials dtype). bf16 has no IPU equivalent.
+IPU_PRECISIONS: Dict[str, Tuple[torch.dtype, torch.dtype]] = {
+    "32.32": (torch.float32, torch.float32),
+    "16.32": (torch.float16, torch.float32),
+    "16.16": (torch.float16, torch.float16),
+}
+
+MK2_IPU_VERSION = 2  # the offline compilation target for compile_only (GC200, IPU-POD)
+
+
+def import_poptorch() -> Any:
+    """poptorch, or UsageError saying how to get it (it ships only with the Poplar SDK)."""
+    try:
+        import poptorch
+    except ImportError:
+        from ipu_effnet.backends import POPTORCH_MISSING
+
+        raise UsageError(POPTORCH_MISSING) from None
+    return poptorch
+
+
+def import_popdist() -> Any:
+    """popdist when this process was started by poprun (popdist.isPopdistEnvSet()), else None."""
+    try:
+        import popdist
+        import popdist.poptorch  # noqa: F401  (the Options subclass used under poprun)
+    except ImportError:
+        if any(k.startswith("POPDIST_") for k in os.environ):
+            raise UsageError("started by poprun (POPDIST_* is set) but popdist does not import: "
+                             "pip install the popdist wheel of the Poplar SDK") from None
+        return None
+    return popdist if popdist.isPopdistEnvSet() else None
+
+
+def poprun_instance() -> Tuple[int, int]:
+    """(instance index, number of instances) under poprun, else (0, 1): this process's data shard, and
+    whether it is the instance that logs and writes checkpoints (index 0)."""
+    popdist = import_popdist()
+    if popdist is None:
+        return 0, 1
+    return int(popdist.getInstanceIndex()), int(popdist.getNumInstances())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: before any compilation, without poptorch
+
+
+@dataclass(frozen=True)
+class IpuLayout:
+    """How one training step's images are spread over micro-batches, iterations, replicas and instances."""
+
+    micro_batch: int
+    grad_accum: int
+    device_iterations: int
+    replicas: int  # in total, over every poprun instance
+    ipus_per_replica: int
+    instances: int = 1
+
+    @property
+    def local_replicas(self) -> int:
+        return self.replicas // self.instances
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches in one call of the compiled program on this instance."""
+        return self.device_iterations * self.grad_accum * self.local_replicas
+
+    @property
+    def host_batch(self) -> int:
+        """Images per call on this instance: micro-batch x device iterations x local replicas x accumulation."""
+        return self.micro_batch * self.micro_batches
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step over every replica: micro-batch x accumulation x replicas."""
+        return self.micro_batch * self.grad_accum * self.replicas
+
+    @property
+    def inference_device_iterations(self) -> int:
+        return max(self.device_iterations, self.ipus_per_replica)
+
+    @property
+    def eval_host_batch(self) -> int:
+        return self.micro_batch * self.inference_device_iterations * self.local_replicas
+
+    def describe(self) -> str:
+        return (f"micro-batch {self.micro_batch} x device iterations {self.device_iterations} x replicas "
+                f"{self.local_replicas}{' (of ' + str(self.replicas) + ')' if self.instances > 1 else ''} x "
+                f"gradient accumulation {self.grad_accum} = {self.host_batch} images per call")
+
+
+def _phase_layouts(cfg: Any, instances: int) -> List[Tuple[str, IpuLayout]]:
+    """(phase name, layout) for each training phase of the recipe: 'train', and 'finetune' for halfres."""
+    ipu, train = cfg.ipu, cfg.train
+    phases = [("train", IpuLayout(train.micro_batch, train.grad_accum, ipu.device_iterations, ipu.replicas,
+                                  ipu.ipus_per_replica, instances))]
+    if cfg.recipe == "halfres":
+        ft = cfg.finetune
+        phases.append(("finetune", IpuLayout(ft.micro_batch or train.micro_batch, ft.grad_accum or train.grad_accum,
+                                             ipu.device_iterations, ipu.replicas, ipu.ipus_per_replica, instances)))
+    return phases
+
+
+def validate_ipu_config(cfg: Any, model: Optional[nn.Module] = None, instances: int = 1,
+                        num_samples: Optional[int] = None, phase: str = "train") -> IpuLayout:
+    """Check everything about `cfg` that the IPU backend needs, before any compilation; return the layout
+    of `phase` ('train', or 'finetune' for a halfres recipe).
+
+    model:       the network as built (a `meta` one will do): pipeline splits and recomputation points
+                 must name its modules, splits in forward order
+    instances:   poprun instances (popdist.getNumInstances()); replicas must divide among them
+    num_samples: training images per instance, when known: one call must not need more
+    """
+    ipu, train = cfg.ipu, cfg.train
+    if train.precision not in IPU_PRECISIONS:
+        raise UsageError(f"train.precision = {train.precision!r} has no IPU equivalent; use one of "
+                         f"{', '.join(map(repr, IPU_PRECISIONS))} (weights.partials)")
+    if instances < 1 or ipu.replicas % instances:
+        raise UsageError(f"ipu.replicas = {ipu.replicas} does not divide among {instances} poprun instances; "
+                         "make --num-replicas a multiple of --num-instances")
+    stages = ipu.ipus_per_replica
+    if stages > 1 and not ipu.pipeline_splits:
+        raise UsageError(f"ipu.ipus_per_replica = {stages} needs ipu.pipeline_splits: {stages - 1} module "
+                         "path(s), each the first module of the next stage (e.g. [blocks.3.0])")
+    if ipu.pipeline_splits and len(ipu.pipeline_splits) != stages - 1:
+        raise UsageError(f"ipu.pipeline_splits = {ipu.pipeline_splits!r} makes {len(ipu.pipeline_splits) + 1} "
+                         f"stages but ipu.ipus_per_replica = {stages}")
+    if len(ipu.available_memory_proportion) not in (1, stages):
+        raise UsageError(f"ipu.available_memory_proportion = {ipu.available_memory_proportion!r} needs one "
+                         f"value, or one per IPU ({stages})")
+    if ipu.replicated_tensor_sharding and ipu.replicas < 2:
+        raise UsageError("ipu.replicated_tensor_sharding = true shards optimiser state across replicas: "
+                         f"it needs ipu.replicas >= 2 (got {ipu.replicas})")
+    if ipu.compile_only and ipu.ipu_model:
+        raise UsageError("ipu.compile_only targets an offline Mk2 IPU, which cannot be combined with "
+                         "ipu.ipu_model = true; drop one of them")
+    layouts = dict(_phase_layouts(cfg, instances))
+    if phase not in layouts:
+        raise ValueError(f"phase {phase!r}: the recipe {cfg.recipe!r} has {', '.join(layouts)}")
+    for name, layout in layouts.items():
+        key = "train" if name == "train" else "finetune"
+        # A pipeline of S stages in training has 2S - 1 forward and backward stages in flight: poptorch
+        # needs at least that many micro-batches per optimiser step to fill it.
+        depth = 2 * stages - 1
+        if stages > 1 and layout.grad_accum < depth:
+            raise UsageError(f"{key}.grad_accum = {layout.grad_accum}: a pipeline over ipu.ipus_per_replica = "
+                             f"{stages} IPUs needs gradient accumulation >= {depth} (2 x stages - 1); "
+                             f"raise {key}.grad_accum and lower {key}.micro_batch to keep the global batch")
+        if num_samples is not None and layout.host_batch > num_samples:
+            raise UsageError(f"{key}: one IPU call takes {layout.describe()}, but there are only "
+                             f"{num_samples} training images per instance; lower {key}.micro_batch, "
+                             f"{key}.grad_accum, ipu.device_iterations or ipu.replicas")
+    if model is not None:
+        stage_starts(model, ipu.pipeline_splits, "ipu.pipeline_splits")
+        resolve_module_paths(model, ipu.recompute, "ipu.recompute")
+        if cfg.finetune.first_trainable:
+            resolve_module_paths(model, [cfg.finetune.first_trainable], "finetune.first_trainable")
+    return layouts[phase]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options
+
+
+def _amp_per_ipu(cfg: Any) -> Dict[str, float]:
+    amp = list(cfg.ipu.available_memory_proportion)
+    if len(amp) == 1:
+        amp = amp * cfg.ipu.ipus_per_replica
+    return {f"IPU{i}": float(v) for i, v in enumerate(amp)}
+
+
+def build_options(cfg: Any, poptorch: Any, popdist: Any = None, train: bool = True,
+                  log: Optional[Callable[[str], None]] = None) -> Any:
+    """poptorch.Options (popdist.poptorch.Options under poprun) for training or inference from `cfg`."""
+    say = log or (lambda _msg: None)
+    ipu = cfg.ipu
+    instances = popdist.getNumInstances() if popdist is not None else 1
+    layout = validate_ipu_config(cfg, instances=instances)
+    if popdist is not None:
+        total = popdist.getNumTotalReplicas()
+        if total != ipu.replicas:
+            raise UsageError(f"ipu.replicas = {ipu.replicas} but poprun started {total} replicas "
+                             f"(--num-replicas); make them agree")
+        per_replica = popdist.getNumIpusPerReplica()
+        if per_replica != ipu.ipus_per_replica:
+            raise UsageError(f"ipu.ipus_per_replica = {ipu.ipus_per_replica} but poprun gives "
+                             f"--ipus-per-replica={per_replica}; make them agree")
+        opts = popdist.poptorch.Options(ipus_per_replica=ipu.ipus_per_replica)  # sets the local replicas
+    else:
+        opts = poptorch.Options()
+        opts.replicationFactor(ipu.replicas)
+
+    opts.randomSeed(int(cfg.train.seed))
+    if train:
+        opts.deviceIterations(ipu.device_iterations)
+        opts.Training.gradientAccumulation(cfg.train.grad_accum)
+        opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
+        if ipu.auto_loss_scaling:
+            opts.Training.setAutomaticLossScaling(True)
+        if ipu.optimizer_state_offchip or ipu.replicated_tensor_sharding:
+            where = poptorch.TensorLocationSettings()
+            if ipu.optimizer_state_offchip:
+                where.useOnChipStorage(False)
+            if ipu.replicated_tensor_sharding:
+                where.useReplicatedTensorSharding(True)
+            opts.TensorLocations.setOptimizerLocation(where)
+    else:
+        opts.deviceIterations(layout.inference_device_iterations)
+    # every micro-batch's loss and logits come back, so accuracy counts every sample
+    opts.outputMode(poptorch.OutputMode.All)
+
+    _, partials = IPU_PRECISIONS[cfg.train.precision]
+    opts.Precision.setPartialsType(partials)
+    opts.Precision.enableStochasticRounding(bool(ipu.stochastic_rounding))
+    opts.setAvailableMemoryProportion(_amp_per_ipu(cfg))
+    if ipu.ipus_per_replica > 1:
+        opts.setExecutionStrategy(poptorch.PipelinedExecution())
+    if ipu.executable_cache:
+        opts.enableExecutableCaching(str(ipu.executable_cache))
+    if ipu.synthetic_data:
+        opts.enableSyntheticData(True)
+
+    if ipu.compile_only:
+        opts.useOfflineIpuTarget(MK2_IPU_VERSION)
+    else:
+        needed = ipu.ipus_per_replica * layout.local_replicas
+        use_model = bool(ipu.ipu_model)
+        if not use_model and not poptorch.ipuHardwareIsAvailable(needed):
+            use_model = True
+            if train:
+                say(f"ipu: no IPU hardware with {needed} IPUs found: using the IPU Model (a simulator; slow)")
+        if use_model:
+            if layout.local_replicas > 1:
+                raise UsageError(f"the IPU Model does not support replication: ipu.replicas = {ipu.replicas}; "
+                                 "use --set ipu.replicas=1 on the IPU Model")
+            opts.useIpuModel(True)
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+def select_traceable_proxy_norm(module: nn.Module) -> int:
+    """Set impl='reference' (plain autograd ops, no custom autograd.Function) on every ProxyNormAct, as
+    poptorch differentiates the traced forward itself. Returns how many modules were changed."""
+    from norms.proxy import ProxyNormAct
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, ProxyNormAct) and m.impl != "reference":
+            m.impl = "reference"
+            count += 1
+    return count
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _recompute_hook(poptorch: Any):
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return poptorch.recomputationCheckpoint(output)
+        return output
+    return hook
+
+
+def prepare_model(training_model: nn.Module, cfg: Any, poptorch: Any) -> nn.Module:
+    """Make a TrainingModel ready for poptorch, in place: traceable Proxy Norm, the precision's network
+    dtype (Proxy Norm statistics and the loss stay fp32), the loss marked with identity_loss, pipeline
+    stages started with BeginBlock and recomputation checkpoints on the named modules' outputs."""
+    network = training_model.model
+    select_traceable_proxy_norm(network)
+    dtype, _ = IPU_PRECISIONS[cfg.train.precision]
+    if dtype != torch.float32:
+        network.to(dtype)  # ProxyNormAct rebuilds its quantile points in fp32 (norms/proxy.py)
+    training_model.mark_loss = functools.partial(poptorch.identity_loss, reduction="none")
+    for ipu_id, path, module in stage_starts(network, cfg.ipu.pipeline_splits, "ipu.pipeline_splits"):
+        _set_submodule(network, path, poptorch.BeginBlock(module, user_id=path, ipu_id=ipu_id))
+    for module in resolve_module_paths(network, cfg.ipu.recompute, "ipu.recompute"):
+        module.register_forward_hook(_recompute_hook(poptorch))
+    return training_model
+
+
+class HostMixedStep(nn.Module):
+    """The module poptorch compiles for training: TrainingModel with host-drawn mixing coefficients.
+
+    forward(images, labels[, mixup_coeffs][, cutmix_boxes]): which extras are passed is fixed when the
+    step is built (poptorch compiles one signature); a cutmix box arrives as this micro-batch's (1, 4) row.
+    """
+
+    def __init__(self, training_model: nn.Module, mixup: bool, cutmix: bool) -> None:
+        super().__init__()
+        self.tm = training_model
+        self.mixup = bool(mixup)
+        self.cutmix = bool(cutmix)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, *mixing: torch.Tensor):
+        coeffs = mixing[0] if self.mixup else None
+        box = mixing[-1].reshape(4) if self.cutmix else None
+        return self.tm(images, labels, coeffs, box)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisers
+
+
+def to_poptorch_optimizer(optimizer: torch.optim.Optimizer, poptorch: Any, cfg: Any) -> Any:
+    """The poptorch.optim twin of a `create_optimizer` optimiser: the same parameter groups (with their
+    weight decay), hyperparameters and lr, plus loss scaling and fp32 optimiser state."""
+    from ipu_effnet.training.optim import RMSpropTF
+
+    dtype, partials = IPU_PRECISIONS[cfg.train.precision]
+    half = dtype == torch.float16
+    loss_scaling = float(cfg.ipu.loss_scaling) if (half or cfg.ipu.auto_loss_scaling) else 1.0
+    accum_type = torch.float16 if partials == torch.float16 else torch.float32
+    groups = [{"params": list(g["params"]), "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
+              for g in optimizer.param_groups]
+    d = optimizer.defaults
+    if isinstance(optimizer, RMSpropTF):
+        return poptorch.optim.RMSprop(groups, lr=d["lr"], alpha=d["alpha"], eps=d["eps"], weight_decay=0.0,
+                                      momentum=d["momentum"], loss_scaling=loss_scaling, accum_type=accum_type,
+                                      first_order_momentum_accum_type=torch.float32,
+                                      second_order_momentum_accum_type=torch.float32, use_tf_variant=True)
+    if isinstance(optimizer, torch.optim.SGD):
+        return poptorch.optim.SGD(groups, lr=d["lr"], momentum=d["momentum"], nesterov=d["nesterov"],
+                                  weight_decay=0.0, loss_scaling=loss_scaling,
+                                  velocity_accum_type=torch.float32)
+    if isinstance(optimizer, torch.optim.AdamW):
+        # poptorch's AdamW decays by 1e-2 unless told otherwise: every group states its own weight_decay
+        return poptorch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=0.0,
+                                    loss_scaling=loss_scaling, accum_type=accum_type,
+                                    first_order_momentum_accum_type=torch.float32,
+                                    second_order_momentum_accum_type=torch.float32)
+    raise UsageError(f"the IPU backend has no poptorch twin for {type(optimizer).__name__}; "
+                     "use train.optimizer = rmsprop_tf, sgd or adamw")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner
+
+
+class IpuRunner:
+    """Training steps of a poptorch.trainingModel; the same `step` contract as TorchRunner.
+
+    The loop sets the learning rate on the host optimiser (`set_lr`); `step` pushes it to the device with
+    `setOptimizer` only when it changed since the last push.
+    """
+
+    def __init__(self, executor: Any, ipu_optimizer: Any, optimizer: torch.optim.Optimizer,
+                 training_model: nn.Module, layout: IpuLayout, poptorch: Any,
+                 inference_options: Any = None, instance: int = 0, instances: int = 1) -> None:
+        self.executor = executor
+        self.ipu_optimizer = ipu_optimizer
+        self.optimizer = optimizer
+        self.training_model = training_model
+        self.layout = layout
+        self.poptorch = poptorch
+        self.inference_options = inference_options
+        self.instance = instance  # for data sharding: rank = instance, world_size = instances
+        self.instances = instances
+        self._pushed_lrs = self._host_lrs()
+        self._inference: Any = None
+        self._inference_ran = False
+
+    @property
+    def host_batch(self) -> int:
+        return self.layout.host_batch
+
+    @property
+    def eval_batch(self) -> int:
+        return self.layout.eval_host_batch
+
+    def _host_lrs(self) -> List[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def sync_lr(self) -> bool:
+        """Push the host optimiser's learning rates to the device if they changed; True if pushed."""
+        lrs = self._host_lrs()
+        if lrs == self._pushed_lrs:
+            return False
+        for group, lr in zip(self.ipu_optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.executor.setOptimizer(self.ipu_optimizer)
+        self._pushed_lrs = lrs
+        return True
+
+    def mixing_inputs(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """Host-drawn mixup coefficients (one per image) and cutmix boxes (one row per micro-batch)."""
+        tm = self.training_model
+        extras = []
+        if tm.mixup_alpha > 0:
+            extras.append(tm.sample_mixup(images.shape[0]))
+        if tm.cutmix:
+            height, width = images.shape[-2], images.shape[-1]
+            extras.append(torch.stack([tm.sample_cutmix_box(height, width) for _ in range(self.layout.micro_batches)]))
+        return extras
+
+    def _check_batch(self, images: torch.Tensor, labels: torch.Tensor, expected: int) -> None:
+        if images.shape[0] != expected or labels.shape[0] != expected:
+            raise ValueError(f"the IPU program takes host batches of exactly {expected} images "
+                             f"({self.layout.describe()}); got {images.shape[0]}")
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        self._check_batch(images, labels, self.layout.host_batch)
+        self.sync_lr()
+        self.training_model.train()  # evaluate() switches the shared model to eval mode
+        loss, logits = self.executor(images, labels, *self.mixing_inputs(images))
+        n = int(labels.shape[0])
+        correct = int((logits.detach().float().argmax(-1).reshape(-1) == labels.reshape(-1)).sum())
+        return {"loss": float(loss.detach().float().mean()), "correct": correct, "samples": n}
+
+    def compile(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Compile (and with ipu.executable_cache, cache) the training program without running it."""
+        self._check_batch(images, labels, self.layout.host_batch)
+        self.executor.compile(images, labels, *self.mixing_inputs(images))
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(per-micro-batch losses, logits) of a batch of eval_batch images, through poptorch.inferenceModel
+        over the same TrainingModel (weights follow the training program's)."""
+        self._check_batch(images, labels, self.layout.eval_host_batch)
+        if self._inference is None:
+            self._inference = self.poptorch.inferenceModel(self.training_model.eval(), self.inference_options)
+        if self.executor.isAttachedToDevice():
+            self.executor.copyWeightsToHost()
+            self.executor.detachFromDevice()  # both programs need the same IPUs
+        return self._inference(images, labels)
+
+    def evaluate_loader(self, loader: Any) -> Dict[str, float]:
+        """Top-1, top-5 (fractions), mean plain cross entropy and sample count over `loader`'s batches of
+        at most eval_batch images (a short last batch is padded, and the padding not counted), like
+        `training.loop.evaluate`. Picks up the host model's current weights (e.g. swapped-in averages)."""
+        if self._inference is not None and self._inference_ran:
+            self._inference.copyWeightsToDevice()
+        sums = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "samples": 0.0}
+        size = self.layout.eval_host_batch
+        for images, labels in loader:
+            n = int(labels.shape[0])
+            if n > size:
+                raise ValueError(f"evaluation batches must hold at most {size} images, got {n}")
+            if n < size:  # pad by repeating the first image: the program takes exactly `size`
+                pad = size - n
+                images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])])
+                labels = torch.cat([labels, labels[:1].expand(pad)])
+            _, logits = self.evaluate(images, labels)
+            logits, labels = logits.float()[:n], labels[:n]
+            self._inference_ran = True
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == labels[:, None]
+            sums["correct1"] += float(hit[:, 0].sum())
+            sums["correct5"] += float(hit.any(1).sum())
+            sums["loss"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            sums["samples"] += n
+        total = max(sums["samples"], 1.0)
+        return {"top1": sums["correct1"] / total, "top5": sums["correct5"] / total, "loss": sums["loss"] / total,
+                "samples": int(sums["samples"])}
+
+    def sync_weights_to_host(self) -> None:
+        """Bring the trained weights back into the host model (before averaging or a checkpoint)."""
+        if self.executor.isAttachedToDevice():
+            self.executor.copyWeightsToHost()
+
+    def detach(self) -> None:
+        for program in (self.executor, self._inference):
+            if program is not None and program.isAttachedToDevice():
+                program.detachFromDevice()
+
+
+def create_data_loader(options: Any, dataset: Any, micro_batch: int, train: bool, workers: int,
+                       poptorch: Any) -> Any:
+    """poptorch.DataLoader over `dataset`: host batches of micro-batch x the options' combined factor,
+    sharded per poprun instance by poptorch, asynchronous and rebatched when there are workers."""
+    mode = poptorch.DataLoaderMode.AsyncRebatched if workers > 0 else poptorch.DataLoaderMode.Sync
+    return poptorch.DataLoader(options, dataset, batch_size=micro_batch, shuffle=train, drop_last=train,
+                               num_workers=workers, persistent_workers=workers > 0, mode=mode)
+
+
+def prepare_ipu(training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
+                log: Optional[Callable[[str], None]] = None, num_samples: Optional[int] = None,
+                phase: str = "train") -> IpuRunner:
+    """Validate, build options, convert the model, wrap it with poptorch.trainingModel; nothing compiles
+    until the first step (or `runner.compile`)."""
+    say = log or (lambda _msg: None)
+    poptorch = import_poptorch()
+    popdist = import_popdist()
+    instances = popdist.getNumInstances() if popdist is not None else 1
+    instance = popdist.getInstanceIndex() if popdist is not None else 0
+    layout = validate_ipu_config(cfg, training_model.model, instances=instances, num_samples=num_samples,
+                                 phase=phase)
+    train_opts = build_options(cfg, poptorch, popdist, train=True, log=say)
+    infer_opts = build_options(cfg, poptorch, popdist, train=False)
+    prepare_model(training_model, cfg, poptorch)
+    ipu_optimizer = to_poptorch_optimizer(optimizer, poptorch, cfg)
+    step = HostMixedStep(training_model, training_model.mixup_alpha > 0, training_model.cutmix)
+    executor = poptorch.trainingModel(step, options=train_opts, optimizer=ipu_optimizer)
+    say(f"ipu: {cfg.ipu.ipus_per_replica} IPU(s) per replica, {layout.describe()}; global batch "
+        f"{layout.global_batch}; precision {cfg.train.precision}"
+        + (f"; poprun instance {instance + 1}/{instances}" if instances > 1 else ""))
+    return IpuRunner(executor, ipu_optimizer, optimizer, training_model, layout, poptorch,
+                     inference_options=infer_opts, instance=instance, instances=instances)
+
+
+def check_recipes(paths: Sequence[str]) -> List[IpuLayout]:
+    """Validate IPU recipes without poptorch: load, build the model on `meta`, check the layout."""
+    from ipu_effnet.config import load, model_kwargs
+    from ipu_effnet.models import create_model
+
+    layouts = []
+    for path in paths:
+        cfg = load(path)
+        name, kwargs = model_kwargs(cfg)
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+        layouts.append(validate_ipu_config(cfg, model))
+    return layouts

@@ -1,0 +1,27 @@
+"""popdist double: reads the layout from POPDIST_* variables that tests set, as poprun would."""
+
+import os
+
+
+def isPopdistEnvSet() -> bool:
+    return "POPDIST_NUM_INSTANCES" in os.environ
+
+
+def getNumInstances() -> int:
+    return int(os.environ.get("POPDIST_NUM_INSTANCES", "1"))
+
+
+def getInstanceIndex() -> int:
+    return int(os.environ.get("POPDIST_INSTANCE_INDEX", "0"))
+
+
+def getNumTotalReplicas() -> int:
+    return int(os.environ.get("POPDIST_NUM_TOTAL_REPLICAS", "1"))
+
+
+def getNumLocalReplicas() -> int:
+    return getNumTotalReplicas() // getNumInstances()
+
+
+def getNumIpusPerReplica() -> int:
+    return int(os.environ.get("POPDIST_NUM_IPUS_PER_REPLICA", "1"))

@@ -1,0 +1,455 @@
+"""The IPU backend without the Poplar SDK: a test double of poptorch (tests/poptorch_double) stands in.
+
+The double records what the backend asks poptorch for and runs the model eagerly on the CPU, so these
+tests check the options a config produces, where pipeline stages and recomputation checkpoints go, the
+batch rule, the loss inside forward, half precision with fp32 Proxy Norm statistics, and that the
+learning rate reaches the device through setOptimizer exactly when it changes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipu_effnet.config import load, model_kwargs
+from ipu_effnet.errors import UsageError
+from ipu_effnet.models import create_model
+from ipu_effnet.training.model import TrainingModel
+from ipu_effnet.training.optim import create_optimizer, set_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+DOUBLE = Path(__file__).resolve().parent / "poptorch_double"
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+POD_RECIPES = sorted((ROOT / "configs").glob("*pod*.yaml"))
+
+
+@pytest.fixture
+def poptorch(monkeypatch):
+    """The double, importable as `poptorch` / `popdist` for this test only."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("poptorch", "popdist"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(DOUBLE))
+    for key in ("POPDIST_NUM_INSTANCES", "POPDIST_INSTANCE_INDEX", "POPDIST_NUM_TOTAL_REPLICAS",
+                "POPDIST_NUM_IPUS_PER_REPLICA"):
+        monkeypatch.delenv(key, raising=False)
+    import poptorch as double
+
+    double.reset()
+    yield double
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("poptorch", "popdist"):
+            del sys.modules[name]
+
+
+def tiny_cfg(*overrides):
+    return load(TINY, ["model.name=efficientnet_tiny", "backend=ipu", *overrides])
+
+
+def tiny_setup(cfg, optimizer="sgd"):
+    name, kwargs = model_kwargs(cfg)
+    model = create_model(name, **kwargs)
+    tm = TrainingModel.from_config(model, cfg.train)
+    opt = create_optimizer(model, optimizer, lr=cfg.train.lr, weight_decay=1e-5, momentum=0.9)
+    return model, tm, opt
+
+
+def batch(n, res=32, classes=10):
+    g = torch.Generator().manual_seed(n)
+    return (torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=g),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+# ----------------------------------------------------------------------------------------------------
+# poptorch absent
+
+
+def test_backend_ipu_without_poptorch_exits_2_naming_the_sdk():
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "ipu_effnet", "train", "--config",
+                          "configs/efficientnet-b0-g16-gn-pod16.yaml", "--set", "backend=ipu", "--out", "/nonexistent/x"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "poptorch" in lines[0] and "Poplar SDK" in lines[0]
+    assert "requirements-ipu.txt" in lines[0]
+    assert time.monotonic() - start < 60
+
+
+def test_auto_falls_back_to_torch_with_one_log_line():
+    from ipu_effnet.backends import resolve_backend
+
+    said = []
+    assert resolve_backend("auto", log=said.append) == "torch"
+    assert len(said) == 1 and "torch" in said[0]
+
+
+def test_auto_picks_ipu_when_poptorch_imports(poptorch):
+    from ipu_effnet.backends import resolve_backend
+
+    said = []
+    assert resolve_backend("auto", log=said.append) == "ipu" and "ipu" in said[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options from a config (table-driven)
+
+OPTION_CASES = [
+    # overrides, expected option values (method name -> argument)
+    ([], {"replicationFactor": 1, "deviceIterations": 1, "Training.gradientAccumulation": 1,
+          "Precision.setPartialsType": torch.float32, "Precision.enableStochasticRounding": False,
+          "setAvailableMemoryProportion": {"IPU0": 0.15}, "randomSeed": 0}),
+    (["ipu.replicas=4", "ipu.device_iterations=3", "train.grad_accum=5", "train.seed=7"],
+     {"replicationFactor": 4, "deviceIterations": 3, "Training.gradientAccumulation": 5, "randomSeed": 7}),
+    (["train.precision=16.16"], {"Precision.setPartialsType": torch.float16}),
+    (["train.precision=16.32"], {"Precision.setPartialsType": torch.float32}),
+    (["train.precision=32.32"], {"Precision.setPartialsType": torch.float32}),
+    (["ipu.stochastic_rounding=true"], {"Precision.enableStochasticRounding": True}),
+    (["ipu.auto_loss_scaling=true"], {"Training.setAutomaticLossScaling": True}),
+    (["ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]", "train.grad_accum=3",
+      "ipu.available_memory_proportion=[0.2, 0.3]"],
+     {"setAvailableMemoryProportion": {"IPU0": 0.2, "IPU1": 0.3}, "setExecutionStrategy": "PipelinedExecution"}),
+    (["ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]", "train.grad_accum=3"],
+     {"setAvailableMemoryProportion": {"IPU0": 0.15, "IPU1": 0.15}}),
+    (["ipu.executable_cache=/tmp/cache"], {"enableExecutableCaching": "/tmp/cache"}),
+    (["ipu.synthetic_data=true"], {"enableSyntheticData": True}),
+    (["ipu.compile_only=true"], {"useOfflineIpuTarget": 2}),
+    (["ipu.ipu_model=true"], {"useIpuModel": True}),
+    (["ipu.optimizer_state_offchip=true"], {"TensorLocations.setOptimizerLocation": {"onChip": False}}),
+    (["ipu.replicas=2", "ipu.replicated_tensor_sharding=true"],
+     {"TensorLocations.setOptimizerLocation": {"useReplicatedTensorSharding": True}}),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", OPTION_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_options_from_config(poptorch, overrides, expected):
+    from ipu_effnet.backends.ipu import build_options
+
+    opts = build_options(tiny_cfg(*overrides), poptorch)
+    for key, value in expected.items():
+        assert key in opts.values, f"{key} not set"
+        assert opts.values[key] == value, key
+    assert opts.values["Training.accumulationAndReplicationReductionType"] == poptorch.ReductionType.Mean
+    assert opts.values["outputMode"] == poptorch.OutputMode.All
+    if "ipu.compile_only=true" not in overrides and "ipu.ipu_model=true" not in overrides:
+        assert "useIpuModel" not in opts.values  # hardware present in the double
+
+
+def test_inference_options_iterate_at_least_once_per_stage(poptorch):
+    from ipu_effnet.backends.ipu import build_options
+
+    cfg = tiny_cfg("ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]", "train.grad_accum=3")
+    opts = build_options(cfg, poptorch, train=False)
+    assert opts.values["deviceIterations"] == 2 and "Training.gradientAccumulation" not in opts.values
+
+
+def test_no_hardware_falls_back_to_the_ipu_model_with_a_log_line(poptorch):
+    from ipu_effnet.backends.ipu import build_options
+
+    poptorch.reset(hardware=False)
+    said = []
+    opts = build_options(tiny_cfg(), poptorch, log=said.append)
+    assert opts.values["useIpuModel"] is True and any("IPU Model" in s for s in said)
+    with pytest.raises(UsageError, match="replication"):
+        build_options(tiny_cfg("ipu.replicas=2"), poptorch)
+
+
+def test_popdist_options_under_poprun(poptorch, monkeypatch):
+    from ipu_effnet.backends.ipu import build_options, import_popdist
+
+    monkeypatch.setenv("POPDIST_NUM_INSTANCES", "4")
+    monkeypatch.setenv("POPDIST_INSTANCE_INDEX", "1")
+    monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "8")
+    monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "2")
+    popdist = import_popdist()
+    assert popdist is not None
+    cfg = tiny_cfg("ipu.replicas=8", "ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]",
+                   "train.grad_accum=3")
+    opts = build_options(cfg, poptorch, popdist)
+    assert getattr(opts, "popdist", False) and opts.ipus_per_replica == 2
+    assert opts.replication_factor == 2 and "replicationFactor" not in opts.values  # popdist sets it
+    with pytest.raises(UsageError, match="poprun started 8"):
+        build_options(tiny_cfg("ipu.replicas=4", "ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]",
+                               "train.grad_accum=3"), poptorch, popdist)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation before compilation
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]", "train.grad_accum=2"], "grad_accum >= 3|>= 3"),
+    (["ipu.ipus_per_replica=2"], "needs ipu.pipeline_splits"),
+    (["train.precision=bf16"], "no IPU equivalent"),
+    (["ipu.replicated_tensor_sharding=true"], "replicas >= 2"),
+    (["ipu.compile_only=true", "ipu.ipu_model=true"], "compile_only"),
+])
+def test_config_errors_before_compilation(overrides, match):
+    from ipu_effnet.backends.ipu import validate_ipu_config
+
+    with pytest.raises(UsageError, match=match):
+        validate_ipu_config(tiny_cfg(*overrides))
+
+
+def test_combined_batch_rule():
+    from ipu_effnet.backends.ipu import validate_ipu_config
+
+    cfg = tiny_cfg("train.micro_batch=4", "ipu.device_iterations=2", "ipu.replicas=2", "train.grad_accum=3")
+    layout = validate_ipu_config(cfg)
+    assert layout.host_batch == 4 * 2 * 2 * 3 and layout.global_batch == 4 * 3 * 2
+    assert validate_ipu_config(cfg, instances=2).host_batch == 4 * 2 * 1 * 3
+    with pytest.raises(UsageError) as err:
+        validate_ipu_config(cfg, num_samples=40)
+    msg = str(err.value)
+    assert "48 images" in msg and "40" in msg and "\n" not in msg
+    with pytest.raises(UsageError, match="does not divide"):
+        validate_ipu_config(cfg, instances=4 if cfg.ipu.replicas % 4 else 3)
+
+
+def test_unknown_split_names_the_nearest_paths():
+    from ipu_effnet.backends.ipu import validate_ipu_config
+
+    cfg = tiny_cfg("ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0.conv_px]", "train.grad_accum=3")
+    model = create_model("efficientnet_tiny", num_classes=10)
+    with pytest.raises(UsageError) as err:
+        validate_ipu_config(cfg, model)
+    assert "ipu.pipeline_splits" in str(err.value) and "blocks.3.0.conv_pw" in str(err.value)
+    cfg = tiny_cfg("ipu.ipus_per_replica=3", "ipu.pipeline_splits=[blocks.4.0, blocks.2.0]", "train.grad_accum=5")
+    with pytest.raises(UsageError, match="forward order"):
+        validate_ipu_config(cfg, model)
+    with pytest.raises(UsageError, match="ipu.recompute"):
+        validate_ipu_config(tiny_cfg("ipu.recompute=[blocks.9]"), model)
+
+
+@pytest.mark.parametrize("recipe", POD_RECIPES, ids=lambda p: p.stem)
+def test_every_ipu_recipe_validates(recipe):
+    from ipu_effnet.backends.ipu import check_recipes
+
+    (layout,) = check_recipes([str(recipe)])
+    cfg = load(recipe)
+    assert cfg.backend == "ipu" and layout.global_batch == cfg.train.micro_batch * cfg.train.grad_accum * cfg.ipu.replicas
+
+
+def test_ipu_recipes_mirror_the_published_configs():
+    assert len(POD_RECIPES) == 6
+    expect = {  # micro-batch, accumulation, replicas, device iterations, split, global batch
+        "efficientnet-b0-g16-gn-pod16": (20, 5, 8, 1, "blocks.3.0.conv_pw", 800),
+        "efficientnet-b0-g16-lnpn-pod16": (20, 5, 8, 1, "blocks.3.0.conv_pw", 800),
+        "efficientnet-b4-g16-gn-pod16": (4, 64, 8, 4, "blocks.3.0.conv_dw", 2048),
+        "efficientnet-b4-g16-lnpn-pod16": (4, 64, 8, 4, "blocks.3.0.conv_dw", 2048),
+        "efficientnet-b0-g16-gn-halfres-pod16": (40, 3, 8, 1, "blocks.3.0.conv_pw", 960),
+        "efficientnet-b0-g16-lnpn-halfres-pod16": (40, 3, 8, 1, "blocks.3.0.conv_pw", 960),
+    }
+    for path in POD_RECIPES:
+        cfg = load(path)
+        t, i = cfg.train, cfg.ipu
+        got = (t.micro_batch, t.grad_accum, i.replicas, i.device_iterations, i.pipeline_splits[0],
+               t.micro_batch * t.grad_accum * i.replicas)
+        assert got == expect[path.stem], path.stem
+        assert i.ipus_per_replica == 2 and t.precision == "16.16" and i.loss_scaling == 128
+        assert i.stochastic_rounding == ("b4" in path.stem)
+        assert i.available_memory_proportion == ([0.1] if "b4" in path.stem else [0.15])
+        assert cfg.norm.proxy == ("lnpn" in path.stem)
+        if "halfres" in path.stem:
+            assert (cfg.recipe, cfg.model.resolution, cfg.finetune.resolution) == ("halfres", 160, 224)
+            assert (cfg.finetune.micro_batch, cfg.finetune.grad_accum, cfg.finetune.first_trainable) == (20, 5, "blocks.5.3")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model: stages, checkpoints, loss, precision
+
+
+def test_begin_block_at_the_configured_modules_with_ipu_ids(poptorch):
+    from ipu_effnet.backends.ipu import prepare_model
+
+    cfg = tiny_cfg("ipu.ipus_per_replica=3", "ipu.pipeline_splits=[blocks.2.0, blocks.5.1.conv_dw]",
+                   "train.grad_accum=5", "ipu.recompute=[blocks.1.0, blocks.4.0]")
+    model, tm, _ = tiny_setup(cfg)
+    prepare_model(tm, cfg, poptorch)
+    begins = [c for c in poptorch.CALLS if c[0] == "BeginBlock"]
+    assert begins == [("BeginBlock", "blocks.2.0", 1), ("BeginBlock", "blocks.5.1.conv_dw", 2)]
+    marked = {name: m.double_begin_block for name, m in model.named_modules() if hasattr(m, "double_begin_block")}
+    assert marked == {"blocks.2.0": ("blocks.2.0", 1), "blocks.5.1.conv_dw": ("blocks.5.1.conv_dw", 2)}
+    tm.train()
+    images, labels = batch(4)
+    loss, _ = tm(images, labels)
+    assert poptorch.STAGE_TRACE == [1, 2]  # stage 1 starts before stage 2 in the forward
+    checkpoints = [c for c in poptorch.CALLS if c[0] == "recomputationCheckpoint"]
+    out_1 = model.blocks[1][0](model.blocks[0](model.stem(tm.normalize(images))))
+    assert len(checkpoints) == 2 and checkpoints[0][1] == (tuple(out_1.shape),)
+    assert ("identity_loss", "none", torch.float32) in poptorch.CALLS
+
+
+def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=4", "train.grad_accum=2", "ipu.replicas=2", "ipu.device_iterations=2")
+    model, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    assert runner.host_batch == 4 * 2 * 2 * 2
+    images, labels = batch(runner.host_batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = runner.step(images, labels)
+    assert set(out) == {"loss", "correct", "samples"} and out["samples"] == 32
+    assert out["loss"] > 0 and 0 <= out["correct"] <= 32
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(c[:2] == ("identity_loss", "none") for c in poptorch.CALLS)
+    with pytest.raises(ValueError, match="exactly 32"):
+        runner.step(*batch(8))
+
+
+def test_mixing_coefficients_are_drawn_on_the_host(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=4", "train.grad_accum=2", "train.mixup_alpha=0.2", "train.cutmix=true")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    coeffs, boxes = runner.mixing_inputs(batch(8)[0])
+    assert coeffs.shape == (8,) and bool((coeffs >= 0.5).all()) and boxes.shape == (2, 4)
+    assert runner.step(*batch(8))["samples"] == 8
+
+
+def test_half_precision_keeps_proxy_statistics_and_loss_in_fp32(poptorch):
+    from ipu_effnet.backends import prepare
+    from norms.proxy import ProxyNormAct
+
+    cfg = tiny_cfg("norm.kind=layer", "norm.proxy=true", "train.precision=16.16", "train.micro_batch=4")
+    model, tm, opt = tiny_setup(cfg)
+    pn = [m for m in model.modules() if isinstance(m, ProxyNormAct)]
+    assert pn and any(m.impl != "reference" for m in pn)
+    runner = prepare("ipu", tm, opt, cfg)
+    assert all(m.impl == "reference" for m in pn)  # plain autograd ops: traceable by poptorch
+    assert next(model.parameters()).dtype == torch.float16
+    for m in pn:
+        assert m.proxy_points.dtype == torch.float32
+        mean, var = m.proxy_stats()
+        assert mean.dtype == var.dtype == torch.float32
+    kwargs = runner.ipu_optimizer.poptorch_kwargs
+    assert kwargs["loss_scaling"] == 128 and kwargs["velocity_accum_type"] == torch.float32
+    out = runner.step(*batch(4))
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    assert ("identity_loss", "none", torch.float32) in poptorch.CALLS  # the loss is fp32
+
+
+def test_optimizers_map_to_poptorch_with_the_same_groups(poptorch):
+    from ipu_effnet.backends.ipu import to_poptorch_optimizer
+
+    cfg = tiny_cfg()
+    for name, cls in (("rmsprop_tf", poptorch.optim.RMSprop), ("sgd", poptorch.optim.SGD),
+                      ("adamw", poptorch.optim.AdamW)):
+        _, _, opt = tiny_setup(cfg, optimizer=name)
+        ipu_opt = to_poptorch_optimizer(opt, poptorch, cfg)
+        assert isinstance(ipu_opt, cls)
+        assert [len(g["params"]) for g in ipu_opt.param_groups] == [len(g["params"]) for g in opt.param_groups]
+        assert [g["weight_decay"] for g in ipu_opt.param_groups] == [g["weight_decay"] for g in opt.param_groups]
+        assert ipu_opt.poptorch_kwargs["loss_scaling"] == 1.0  # fp32: no loss scaling
+        if name == "rmsprop_tf":
+            assert ipu_opt.poptorch_kwargs["use_tf_variant"] is True
+            assert ipu_opt.defaults["alpha"] == opt.defaults["alpha"] and ipu_opt.defaults["eps"] == 1e-3
+
+
+def test_set_optimizer_only_when_the_lr_changes(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(2)
+    runner.step(images, labels)
+    runner.step(images, labels)
+    assert runner.executor.set_optimizer_calls == []
+    set_lr(opt, 0.01)
+    runner.step(images, labels)
+    assert runner.executor.set_optimizer_calls == [[0.01, 0.01]]
+    runner.step(images, labels)
+    set_lr(opt, 0.01)
+    runner.step(images, labels)
+    assert len(runner.executor.set_optimizer_calls) == 1
+    set_lr(opt, 0.002)
+    runner.step(images, labels)
+    assert runner.executor.set_optimizer_calls[-1] == [0.002, 0.002]
+
+
+def test_inference_runs_through_an_inference_model(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]",
+                   "train.grad_accum=3")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    runner.step(*batch(runner.host_batch))
+    assert runner.eval_batch == 2 * 2
+    losses, logits = runner.evaluate(*batch(runner.eval_batch))
+    assert logits.shape == (4, 10) and losses.shape == (2,)
+    assert not runner.executor.isAttachedToDevice()  # the training program let go of the IPUs
+
+
+def test_evaluate_loader_pads_the_last_batch_and_counts_every_sample(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=4")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(10)
+    loader = [(images[:4], labels[:4]), (images[4:8], labels[4:8]), (images[8:], labels[8:])]
+    got = runner.evaluate_loader(loader)
+    assert got["samples"] == 10 and 0 <= got["top1"] <= got["top5"] <= 1
+    tm.eval()
+    with torch.no_grad():
+        logits = tm(images)
+    expected = torch.nn.functional.cross_entropy(logits.float(), labels)
+    assert got["loss"] == pytest.approx(float(expected), rel=1e-4)
+    runner.evaluate_loader(loader)
+    assert ("copyWeightsToDevice",) in runner._inference.calls  # a second pass picks up new host weights
+
+
+def test_poprun_instance(poptorch, monkeypatch):
+    from ipu_effnet.backends.ipu import poprun_instance
+
+    assert poprun_instance() == (0, 1)
+    monkeypatch.setenv("POPDIST_NUM_INSTANCES", "4")
+    monkeypatch.setenv("POPDIST_INSTANCE_INDEX", "3")
+    assert poprun_instance() == (3, 4)
+
+
+def test_data_loader_yields_host_batches(poptorch):
+    from ipu_effnet.backends.ipu import build_options, create_data_loader
+
+    cfg = tiny_cfg("train.micro_batch=2", "train.grad_accum=2", "ipu.device_iterations=2")
+    opts = build_options(cfg, poptorch)
+    data = torch.utils.data.TensorDataset(*batch(24))
+    loader = create_data_loader(opts, data, 2, train=True, workers=0, poptorch=poptorch)
+    assert loader.mode == poptorch.DataLoaderMode.Sync
+    assert [len(x) for x, _ in loader] == [8, 8, 8]
+
+
+def test_the_package_never_imports_the_double():
+    for path in (ROOT / "ipu_effnet").rglob("*.py"):
+        assert "poptorch_double" not in path.read_text(), path
+
+
+def test_the_training_loop_runs_on_the_ipu_backend(poptorch, tmp_path):
+    """train() with backend=ipu: the runner, host-side weight sync, evaluation and checkpoints, end to end
+    through the double (which runs the model eagerly on the CPU)."""
+    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
+    from ipu_effnet.training.loop import train
+
+    cfg = tiny_cfg("model.resolution=32", "model.num_classes=4", "model.group_size=16", "norm.kind=layer",
+                   "norm.proxy=true", "data.num_train=16", "data.num_val=8", "train.micro_batch=4",
+                   "train.epochs=2", "train.ema_decay=0.5", "logging.progress=false")
+    summary = train(cfg, tmp_path, log=lambda _m: None)
+    assert summary["steps"] == 2 * (16 // 4) and 0.0 <= summary["val_top1"] <= 1.0
+    assert summary["val_top1_ema"] is not None
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ckpt["epoch"] == 2
+    # the weights that came back from the device are the trained ones, not the initial ones
+    torch.manual_seed(cfg.train.seed)  # train() seeds the same way before building its model
+    name, kwargs = model_kwargs(cfg)
+    initial = create_model(name, **kwargs).state_dict()
+    changed = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, ckpt["model"][k])]
+    assert "classifier.weight" in changed and len(changed) > len(initial) // 2
