@@ -159,8 +159,8 @@ class ProxyNormAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, t = self.proxy_scale_shift()
-        return group_norm_act_scale_shift(x, self.num_groups, self.weight, self.bias, self.eps, self.act,
-                                          s.to(x.dtype), t.to(x.dtype), self.impl)
+        return group_norm_act_scale_shift(x, self.num_groups, self.weight, self.bias, self.eps, self.act, s, t,
+                                          self.impl)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}, proxy_eps={self.proxy_eps}, "

@@ -1,30 +1,36 @@
-"""The per-element part of Proxy Norm, three ways: plain autograd, in place, and fused with GroupNorm.
+"""How Proxy Norm's work runs: plain autograd, in place, or fused with GroupNorm (norms/proxy.py says what
+it computes).
 
 Per element, Proxy Norm is GroupNorm + affine, the activation, then out = z * s + t with per-channel s, t
-(norms/proxy.py computes s and t from the proxy statistics). Written as plain ops, the last step adds a
-pass over memory and a freshly allocated tensor in the forward, and three passes, two allocations and two
-reductions in the backward. On CPU an element-wise op on a large tensor costs mostly the allocation of its
-result (fresh pages from the OS), so that plain form made a B0-G16 training step ~17 % slower than
-LayerNorm alone. The two faster forms here compute the same values with the minimum of extra memory
-traffic:
+computed from the proxy statistics (O(channels x points)). Written with plain ops, the scale-and-shift
+adds a pass and a freshly allocated tensor in the forward, and three passes, two allocations and two
+reductions in the backward; the statistics add a dozen small autograd nodes per layer. On CPU an
+element-wise op on a large tensor costs mostly the allocation of its result (fresh pages from the OS) and
+its passes over memory: that plain form made a B0-G16 training step 27-30 % slower than LayerNorm
+alone (docs/norms.md has the measurements). `impl` selects one of three forms with the same values and
+gradients:
 
-    "reference"  F.group_norm -> act -> torch.addcmul. Plain differentiable ops only (twice
-                 differentiable; what a backend that differentiates the traced forward itself, such as
-                 poptorch, should see).
-    "inplace"    F.group_norm -> act -> `_ScaleShiftInPlace`: overwrites the activation's output (which
-                 only this module holds) in one pass; its backward is one fused batch-norm backward call.
-                 For activations whose backward needs their input, not their output.
+    "reference"  F.group_norm -> act -> torch.addcmul, statistics in plain ops (`proxy_moments`). Twice
+                 differentiable; what a backend that differentiates the traced forward itself (poptorch)
+                 must see, and what runs on any device other than CPU and CUDA, whatever `impl` says.
+    "inplace"    F.group_norm -> act -> `_ScaleShiftInPlace`, which overwrites the activation's output
+                 (only this module holds it) in one pass. For activations whose backward needs their
+                 input, not their output (not ReLU, not Sigmoid).
     "fused"      `_GroupNormSiLUScaleShift`, SiLU only: GroupNorm, SiLU and the in-place scale-and-shift
-                 in one autograd node. Its backward calls torch's own GroupNorm and SiLU backward kernels
-                 and folds s into GroupNorm's weight, so the only extra work over LayerNorm + SiLU is one
-                 reduction pass (sum(g * out), sum(g) per channel) and the in-place forward pass.
+                 as one autograd node. Its backward calls torch's own GroupNorm and SiLU backward kernels
+                 and folds s into GroupNorm's weight, so the only extra per-element work over
+                 LayerNorm + SiLU is the in-place forward pass and one reduction pass (sum(g * out) and
+                 sum(g) per channel, with torch's batch-norm backward kernel, which needs no temporary).
 
-Both custom nodes are once differentiable. Their gradients equal the reference's (tests check it with
-torch.autograd.gradcheck in float64).
+"inplace" and "fused" compute the statistics with one custom node too (`_ProxyScaleShift`). The custom
+nodes are once differentiable; tests compare their values and gradients with "reference" and run
+torch.autograd.gradcheck on each in float64.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Tuple
 
 import torch
@@ -62,9 +68,30 @@ def _channel_shape(z: torch.Tensor) -> Tuple[int, ...]:
     return (1, z.shape[1]) + (1,) * (z.dim() - 2)  # broadcast (C,) over N and the spatial dims
 
 
+def _plain_ops_only(x: torch.Tensor) -> bool:
+    """True where the custom nodes must not run: devices other than CPU and CUDA (their aten kernels are
+    what the nodes call), and poptorch tracing for the IPU, which differentiates the traced forward
+    itself. There the "reference" formulation runs whatever `impl` says."""
+    if x.device.type not in ("cpu", "cuda"):
+        return True
+    poptorch = sys.modules.get("poptorch")  # never imported from here: only if the program uses it
+    return poptorch is not None and bool(getattr(poptorch, "isRunningOnIpu", lambda: False)())
+
+
+def _autocast_active(x: torch.Tensor) -> bool:
+    if x.device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)  # torch >= 2.4
+    except TypeError:  # torch 2.0 (poptorch's pin)
+        return torch.is_autocast_enabled() if x.device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def _channel_sums(grad: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per channel sum(grad * out) and sum(grad), in one pass and without a full-size temporary: the
     weight and bias gradients of an eval-mode batch norm with mean 0 and variance 1."""
+    if grad.numel() == 0:  # an empty batch (torch's kernel divides by the element count)
+        return torch.zeros_like(s), torch.zeros_like(s)
     _, sum_grad_out, sum_grad = torch.ops.aten.native_batch_norm_backward(
         grad, out, s, torch.zeros_like(s), torch.ones_like(s), None, None, False, 0.0, [False, True, True])
     return sum_grad_out, sum_grad
@@ -125,7 +152,9 @@ class _GroupNormSiLUScaleShift(torch.autograd.Function):
         fmt = _memory_format(x)
         x = x.contiguous(memory_format=fmt)
         n, c = x.shape[0], x.shape[1]
-        hw = x[0, 0].numel()
+        hw = 1
+        for size in x.shape[2:]:
+            hw *= size
         u, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
         out = F.silu(u)
         torch.addcmul(t.view(_channel_shape(out)), out, s.view(_channel_shape(out)), out=out)
@@ -225,27 +254,37 @@ class _ProxyScaleShift(torch.autograd.Function):
 def proxy_scale_shift(gamma: torch.Tensor, beta: torch.Tensor, gamma_t: torch.Tensor, beta_t: torch.Tensor,
                       points: torch.Tensor, act: nn.Module, eps: float,
                       impl: str = "reference") -> Tuple[torch.Tensor, torch.Tensor]:
-    """s, t per channel with (z - m) / sqrt(v + eps) == z * s + t for the proxy moments m, v.
-    "reference" builds them from `proxy_moments` in plain ops; the other impls use one custom node."""
-    if impl == "reference":
-        mean, var = proxy_moments(gamma, beta, gamma_t, beta_t, points, act)
-        s = torch.rsqrt(var + eps)
-        return s, -mean * s
-    return _ProxyScaleShift.apply(gamma, beta, gamma_t, beta_t, points, act, eps)
+    """s, t per channel with (z - m) / sqrt(v + eps) == z * s + t for the proxy moments m, v, in the
+    dtype of the arguments (never lowered by autocast). "reference" builds them from `proxy_moments` in
+    plain ops; the other impls use one custom node."""
+    with contextlib.ExitStack() as stack:
+        if _autocast_active(points):  # the statistics stay in the precision they were given
+            stack.enter_context(torch.autocast(device_type=points.device.type, enabled=False))
+        if impl == "reference" or _plain_ops_only(points):
+            mean, var = proxy_moments(gamma, beta, gamma_t, beta_t, points, act)
+            s = torch.rsqrt(var + eps)
+            return s, -mean * s
+        return _ProxyScaleShift.apply(gamma, beta, gamma_t, beta_t, points, act, eps)
 
 
 def group_norm_act_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                                eps: float, act: nn.Module, s: torch.Tensor, t: torch.Tensor,
                                impl: str = "reference") -> torch.Tensor:
-    """act(group_norm(x, num_groups, weight, bias, eps)) * s + t, s and t per channel, shape (C,).
+    """act(group_norm(x, num_groups, weight, bias, eps)) * s + t, s and t per channel, shape (C,), in any
+    float dtype (they are cast to the activation's dtype).
 
     impl: "fused" (act must be nn.SiLU), "inplace" (act must not keep its output for backward) or
-    "reference"; see the module docstring. Validate the pair once with `check_impl`.
+    "reference"; see the module docstring. Validate the pair once with `check_impl`. Under autocast,
+    "fused" runs as "inplace", so that F.group_norm gets autocast's precision rules; off CPU and CUDA,
+    and under poptorch, everything runs as "reference".
     """
-    if impl == "fused":
-        return _GroupNormSiLUScaleShift.apply(x, weight, bias, s, t, num_groups, eps)
+    if _plain_ops_only(x):
+        impl = "reference"
+    if impl == "fused" and not _autocast_active(x):
+        return _GroupNormSiLUScaleShift.apply(x, weight, bias, s.to(x.dtype), t.to(x.dtype), num_groups, eps)
     z = act(F.group_norm(x, num_groups, weight, bias, eps))
-    if impl == "inplace":
+    s, t = s.to(z.dtype), t.to(z.dtype)
+    if impl in ("fused", "inplace"):
         return _ScaleShiftInPlace.apply(z, s, t)
     shape = _channel_shape(z)
     return torch.addcmul(t.view(shape), z, s.view(shape))

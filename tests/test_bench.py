@@ -38,6 +38,19 @@ def test_vs_overrides_only_the_named_options():
         a.with_overrides("norm=layr")
     with pytest.raises(UsageError, match="mode"):
         a.with_overrides("mode=fast")
+    with pytest.raises(UsageError, match="proxy_impl 'fast'"):
+        a.with_overrides("proxy_impl=fast")
+
+
+def test_proxy_impl_option_sets_every_proxy_layer():
+    from ipu_effnet.analysis.bench import _build_model
+    from norms.proxy import ProxyNormAct
+
+    cfg = BenchConfig(model="efficientnet_tiny", norm="layer+proxy", res=32, batch=1, num_classes=10)
+    for impl, want in ((None, "fused"), ("reference", "reference"), ("inplace", "inplace")):
+        model, images, res = _build_model(cfg.with_overrides(f"proxy_impl={impl}"))
+        impls = {m.impl for m in model.modules() if isinstance(m, ProxyNormAct)}
+        assert impls == {want} and images.shape == (1, 3, 32, 32) and res == 32
 
 
 def test_report_ratio_is_b_over_a_of_the_medians():

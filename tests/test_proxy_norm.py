@@ -187,6 +187,47 @@ def test_statistics_do_not_depend_on_the_input_and_gradients_reach_all_parameter
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_other_input_ranks_empty_batches_and_autocast(impl):
+    m = _perturb(ProxyNormAct(8, 2, impl=impl))
+    ref = copy.deepcopy(m)
+    ref.impl = "reference"
+    for shape in [(3, 8), (3, 8, 5), (0, 8, 4, 4)]:
+        x = torch.randn(*shape)
+        y = m(x.clone().requires_grad_())
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, ref(x), atol=1e-6, rtol=1e-6)
+        y.sum().backward()
+    # CPU autocast (bfloat16): the statistics stay fp32, the output follows autocast's rules
+    x = torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, _ = m.proxy_scale_shift()
+        y = m(x)
+        y_ref = ref(x)
+    assert s.dtype == torch.float32 and y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float())
+    y.float().sum().backward()
+
+
+def test_under_poptorch_tracing_only_plain_ops_run(monkeypatch):
+    import sys
+    import types
+
+    m = _perturb(ProxyNormAct(8, 2))
+    assert m.impl == "fused"
+    x = torch.randn(2, 8, 3, 3)
+    fast = m(x)
+    assert type(fast.grad_fn).__name__.startswith("_GroupNormSiLUScaleShift")
+    monkeypatch.setitem(sys.modules, "poptorch", types.SimpleNamespace(isRunningOnIpu=lambda: True))
+    traced = m(x)
+    assert type(traced.grad_fn).__name__ == "AddcmulBackward0"  # the plain formulation, whatever impl says
+    s, _ = m.proxy_scale_shift()
+    assert not type(s.grad_fn).__name__.startswith("_ProxyScaleShift")
+    torch.testing.assert_close(traced, fast)
+    monkeypatch.setitem(sys.modules, "poptorch", types.SimpleNamespace(isRunningOnIpu=lambda: False))
+    assert type(m(x).grad_fn).__name__.startswith("_GroupNormSiLUScaleShift")
+
+
 # --- placement in the blocks -------------------------------------------------------------------------------
 
 def test_placement_in_the_model():

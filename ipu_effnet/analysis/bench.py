@@ -45,6 +45,7 @@ class BenchConfig:
     channels_last: bool = False
     mode: str = "train"
     num_classes: int = 1000
+    proxy_impl: Optional[str] = None  # Proxy Norm implementation (norms/proxy_ops.py); None: the default
 
     def validate(self) -> BenchConfig:
         """Cheap checks (no torch import); raises UsageError naming the option."""
@@ -63,6 +64,11 @@ class BenchConfig:
             raise UsageError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
+        if self.proxy_impl is not None:
+            from norms.proxy_ops import IMPLS
+
+            if self.proxy_impl not in IMPLS:
+                raise UsageError(f"proxy_impl {self.proxy_impl!r}: expected one of {', '.join(IMPLS)}")
         if self.res is not None and self.res < 32:
             raise UsageError(f"res {self.res}: the resolution must be at least 32 (five stride-2 stages)")
         return self
@@ -143,6 +149,16 @@ def _build_model(cfg: BenchConfig):
                              expand_ratio=cfg.expand_ratio)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if cfg.proxy_impl is not None:
+        from norms.proxy import ProxyNormAct
+        from norms.proxy_ops import check_impl
+
+        for module in model.modules():
+            if isinstance(module, ProxyNormAct):
+                try:
+                    module.impl = check_impl(cfg.proxy_impl, module.act)
+                except ValueError as exc:
+                    raise UsageError(f"proxy_impl {cfg.proxy_impl!r}: {exc}") from None
     res = cfg.res or getattr(model, "train_resolution", None) or getattr(model, "default_resolution", 224)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)

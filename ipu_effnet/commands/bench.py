@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     parser.add_argument("--mode", choices=("train", "infer"), default="train",
                         help="train: forward + cross-entropy + backward + SGD step; infer: forward in eval mode")
+    parser.add_argument("--proxy-impl", choices=("fused", "inplace", "reference"), default=None,
+                        help="how Proxy Norm's per-element step runs (norms/proxy_ops.py; default: the fastest valid)")
     parser.add_argument("--vs", metavar='"KEY=VALUE ..."', default=None,
                         help='also measure a configuration differing in these options, e.g. --vs "norm=layer+proxy"')
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -45,7 +47,7 @@ def config_from_args(args: argparse.Namespace):
     return BenchConfig(model=args.model, norm=args.norm, group_size=args.group_size,
                        expand_ratio=args.expand_ratio, res=args.res, batch=args.batch, steps=args.steps,
                        warmup=args.warmup, threads=args.threads, channels_last=args.channels_last,
-                       mode=args.mode).validate()
+                       mode=args.mode, proxy_impl=args.proxy_impl).validate()
 
 
 def run(args: argparse.Namespace) -> int:
