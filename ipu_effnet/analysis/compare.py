@@ -1,0 +1,470 @@
+"""Recipe comparison: run several recipes on one data set, sweep each over test resolutions, measure
+inference speed and memory on this machine, and write one table and two plots (issue 5, item 4).
+
+    recipes = recipes_from_files(["configs/quickstart/g16-gn-native.yaml", ...])
+    result = compare(recipes, "runs/cmp", overrides=["data.dataset=digits"])
+    print(format_summary(result))
+
+Layout of `out_dir`:
+
+    runs/<recipe name>/          one run directory per recipe (config.yaml, metrics.jsonl, summary.json,
+                                 checkpoints/, sweep.csv, sweep.png)
+    compare.md, compare.csv      the table (columns: COLUMNS)
+    accuracy_vs_resolution.png   every recipe's sweep on one plot
+    pareto.png                   top-1 against training and inference images/s, Pareto front drawn
+
+A run with summary.json is complete and is not trained again; one with checkpoints but no summary was
+interrupted and is resumed; its sweep is reused while sweep.csv is newer than summary.json. Inference
+speed and memory are measured again on every call, for all recipes with the same settings, so that one
+table's numbers come from one machine in one state.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ipu_effnet.errors import UsageError
+
+# (key, markdown header, format) in table order.
+COLUMNS = [
+    ("recipe", "recipe", "{}"),
+    ("model", "model", "{}"),
+    ("norm", "norm", "{}"),
+    ("kind", "recipe kind", "{}"),
+    ("params", "params (M)", "{:.3f}"),
+    ("train_resolution", "train px", "{}"),
+    ("test_resolution", "test px", "{}"),
+    ("gmacs_train", "GMACs train", "{:.4f}"),
+    ("gmacs_test", "GMACs test", "{:.4f}"),
+    ("train_images_per_sec", "train img/s", "{:.1f}"),
+    ("infer_images_per_sec", "infer img/s", "{:.1f}"),
+    ("peak_memory_mb", "peak mem (MB)", "{:.1f}"),
+    ("top1", "top-1 @ test px", "{:.2%}"),
+    ("best_resolution", "best px", "{}"),
+    ("best_top1", "top-1 @ best px", "{:.2%}"),
+    ("wall_seconds", "wall (s)", "{:.0f}"),
+]
+
+NORM_ALIASES = {  # --norms short names for the matrix
+    "bn": ("batch", False), "gn": ("group", False), "ln": ("layer", False),
+    "gnpn": ("group", True), "lnpn": ("layer", True), "none": ("none", False),
+}
+
+
+@dataclass
+class Recipe:
+    """One row of the comparison: a YAML file (or None: the defaults) plus overrides of its own."""
+
+    name: str
+    path: Optional[str]
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchSettings:
+    """The inference measurement, identical for every recipe of one comparison."""
+
+    batch: int = 16
+    steps: int = 5
+    warmup: int = 2
+    threads: Optional[int] = None
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    rows: List[Dict[str, Any]]
+    sweeps: Dict[str, List[Dict[str, Any]]]
+    trained: List[str]   # recipes trained (or resumed) by this call
+    skipped: List[str]   # recipes already complete
+    files: Dict[str, Path]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def recipes_from_files(paths: Sequence[str]) -> List[Recipe]:
+    """One recipe per YAML file, named after the file (its stem); duplicate names get a suffix."""
+    out: List[Recipe] = []
+    seen: Dict[str, int] = {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise UsageError(f"--recipes {p}: no such file")
+        name = Path(p).stem
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        out.append(Recipe(name, str(p)))
+    return out
+
+
+def matrix_recipes(base: str, norms: Sequence[str], kinds: Sequence[str]) -> List[Recipe]:
+    """The product norms x kinds on top of `base`, e.g. norms (bn, gn, lnpn) x kinds (native, halfres):
+    named `<base stem>-<norm>-<kind>`. BatchNorm keeps the base's group size; GN/LN/PN likewise."""
+    from ipu_effnet.config import RECIPES
+
+    if not Path(base).is_file():
+        raise UsageError(f"--base {base}: no such file")
+    out = []
+    for norm in norms:
+        if norm not in NORM_ALIASES:
+            raise UsageError(f"--norms {norm!r}: expected some of {', '.join(NORM_ALIASES)}")
+        kind_name, proxy = NORM_ALIASES[norm]
+        for kind in kinds:
+            if kind not in RECIPES:
+                raise UsageError(f"--kinds {kind!r}: expected some of {', '.join(RECIPES)}")
+            out.append(Recipe(f"{Path(base).stem}-{norm}-{kind}", base,
+                              [f"norm.kind={kind_name}", f"norm.proxy={str(proxy).lower()}", f"recipe={kind}"]))
+    return out
+
+
+def recipes_available() -> bool:
+    """True when the recipe orchestrator (native, halfres, progressive) is installed."""
+    try:
+        import ipu_effnet.training.recipes  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "ipu_effnet.training.recipes":
+            raise
+        return False
+    return True
+
+
+def train_recipe(cfg: Any, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
+                 overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run one recipe to completion: `training.recipes.run_recipe` where it exists, else the native
+    training loop (which refuses halfres and progressive recipes with a UsageError)."""
+    if recipes_available():
+        from ipu_effnet.training.recipes import run_recipe
+
+        return run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
+    from ipu_effnet.training.loop import train
+
+    return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
+
+
+def run_state(run_dir: os.PathLike) -> str:
+    """"complete" (summary.json), "partial" (a checkpoint but no summary: resume) or "new"."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        return "complete"
+    if run_dir.is_dir() and any(p.is_file() for p in run_dir.rglob("*.pt")):
+        return "partial"
+    return "new"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def model_cost(model_args: Dict[str, Any], resolution: int) -> Dict[str, float]:
+    """Parameters and GMACs per image at `resolution`, profiled on the meta device (no arithmetic)."""
+    import torch
+
+    from ipu_effnet.models import create_model_from_args
+    from ipu_effnet.models.profile import profile_model
+
+    with torch.device("meta"):
+        model = create_model_from_args(model_args)
+    prof = profile_model(model, resolution)
+    return {"params": prof.params, "gmacs": prof.gmacs}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _PeakRSS:
+    """Samples this process's resident set size every `interval` seconds on a thread (CPU runs):
+    peak - baseline approximates the memory the measured work needed."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.baseline = _rss_bytes()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def measure_inference(model: Any, resolution: int, settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
+    """Inference images/s of `model` (eval mode, no grad, random input) at `resolution`, timed by the bench
+    machinery (`analysis.bench.measure`: warm-up, then timed steps), and the peak memory of that work:
+    CUDA max allocated on a GPU, else the peak RSS above the level before the input was made."""
+    import torch
+
+    from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
+
+    settings = settings or BenchSettings()
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = model.to(device).eval()
+    cfg = BenchConfig(model=getattr(model, "name", "model"), res=resolution, batch=settings.batch, steps=settings.steps,
+                      warmup=settings.warmup, threads=settings.threads, mode="infer")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with _PeakRSS() as rss:
+        images = torch.randn(settings.batch, 3, resolution, resolution, device=device)
+
+        def step() -> None:
+            with torch.no_grad():
+                model(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        timing = measure(Workload(cfg, resolution, step, {}))
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated() - before, "cuda"
+    else:
+        peak, kind = rss.peak - rss.baseline, "rss"
+    return {"infer_images_per_sec": timing.images_per_s, "peak_memory_mb": max(peak, 0) / 2**20, "memory_kind": kind,
+            "bench_batch": settings.batch}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _resolutions(summary: Dict[str, Any], cfg: Any) -> Dict[str, int]:
+    from ipu_effnet.analysis.sweep import run_resolutions
+
+    train_res, test_res = run_resolutions(cfg, summary)
+    return {"train_resolution": train_res, "test_resolution": test_res}
+
+
+def _sweep_fresh(run_dir: Path) -> bool:
+    csv_path, summary = run_dir / "sweep.csv", run_dir / "summary.json"
+    return csv_path.is_file() and summary.is_file() and csv_path.stat().st_mtime >= summary.stat().st_mtime
+
+
+def _check_same_config(cfg: Any, run_dir: Path, name: str, log: Callable[[str], None]) -> None:
+    """Warn when a finished run was made from a different recipe than the one asked for now."""
+    from ipu_effnet.config import load
+
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        return
+    try:
+        old = load(stored).to_dict()
+    except UsageError:
+        return
+    new = cfg.to_dict()
+    old.pop("logging", None)
+    new.pop("logging", None)
+    if old != new:
+        diff = sorted(f"{k}" for k in new if old.get(k) != new.get(k))
+        log(f"warning: {name}: {run_dir} was trained from a different config (sections {', '.join(diff)}); "
+            f"its results are reused: delete the directory to train it again")
+
+
+def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence[str] = (),
+            sweep_resolutions: Optional[Sequence[int]] = None, bench: Optional[BenchSettings] = None,
+            progress: bool = True, log: Callable[[str], None] = print,
+            train_fn: Callable[..., Dict[str, Any]] = train_recipe) -> CompareResult:
+    """Run, sweep and measure each recipe, then write the table and plots into `out_dir`.
+
+    `overrides` apply to every recipe (after its own). Configs are all loaded and checked before any
+    training starts, so a typo in the last recipe fails in a second, not after an hour."""
+    from tqdm import tqdm
+
+    from ipu_effnet.analysis.sweep import (
+        best_row,
+        default_resolutions,
+        read_summary,
+        read_sweep_csv,
+        resolve_checkpoint,
+        sweep_checkpoint,
+        write_sweep,
+    )
+    from ipu_effnet.config import load
+    from ipu_effnet.training.checkpoint import load_checkpoint, rebuild_model
+
+    bench = bench or BenchSettings()
+    if not recipes:
+        raise UsageError("compare needs at least one recipe")
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise UsageError(f"recipe names must be unique, got {names}")
+    out_dir = Path(out_dir)
+    extra = list(overrides) + ([] if progress else ["logging.progress=false"])
+    configs = []
+    for r in recipes:
+        cfg = load(r.path, list(r.overrides) + extra)
+        if cfg.recipe != "native" and train_fn is train_recipe and not recipes_available():
+            raise UsageError(f"recipe {r.name}: recipe = {cfg.recipe!r} needs the recipe orchestrator "
+                             "(ipu_effnet/training/recipes.py), which this installation lacks; only native recipes run")
+        configs.append(cfg)
+
+    rows: List[Dict[str, Any]] = []
+    sweeps: Dict[str, List[Dict[str, Any]]] = {}
+    trained: List[str] = []
+    skipped: List[str] = []
+    bar = tqdm(total=len(recipes) * 3, desc="compare", unit="task", disable=not progress, dynamic_ncols=True)
+    say = (lambda msg: tqdm.write(msg)) if progress else log
+    for recipe, cfg in zip(recipes, configs):
+        run_dir = out_dir / "runs" / recipe.name
+        state = run_state(run_dir)
+        bar.set_description(f"{recipe.name}: train")
+        if state == "complete":
+            skipped.append(recipe.name)
+            _check_same_config(cfg, run_dir, recipe.name, say)
+            say(f"{recipe.name}: complete in {run_dir}, not trained again")
+            summary = read_summary(run_dir)
+        else:
+            say(f"{recipe.name}: {'resuming' if state == 'partial' else 'training'} in {run_dir}")
+            summary = train_fn(cfg, run_dir, resume=state == "partial", source=recipe.path,
+                               overrides=list(recipe.overrides) + extra, log=say)
+            trained.append(recipe.name)
+            summary = read_summary(run_dir) or dict(summary or {})
+        bar.update(1)
+
+        bar.set_description(f"{recipe.name}: sweep")
+        res = _resolutions(summary, cfg)
+        if _sweep_fresh(run_dir) and sweep_resolutions is None:
+            rows_sweep = read_sweep_csv(run_dir / "sweep.csv")
+        else:
+            wanted = sorted(set(sweep_resolutions or default_resolutions(res["test_resolution"]))
+                            | {res["test_resolution"]})
+            rows_sweep = sweep_checkpoint(run_dir, wanted, progress=progress)
+            write_sweep(rows_sweep, run_dir, res["train_resolution"], res["test_resolution"],
+                        title=f"{recipe.name}: top-1 against test resolution")
+        sweeps[recipe.name] = rows_sweep
+        bar.update(1)
+
+        bar.set_description(f"{recipe.name}: bench")
+        ckpt = load_checkpoint(resolve_checkpoint(run_dir))
+        cost_train = model_cost(ckpt["model_args"], res["train_resolution"])
+        cost_test = model_cost(ckpt["model_args"], res["test_resolution"])
+        inference = measure_inference(rebuild_model(ckpt), res["test_resolution"], bench)
+        at_test = [r for r in rows_sweep if r["resolution"] == res["test_resolution"]]
+        best = best_row(rows_sweep)
+        rows.append({
+            "recipe": recipe.name,
+            "model": summary.get("model") or ckpt["model_args"].get("name"),
+            "norm": summary.get("norm") or (cfg.norm.kind + ("+proxy" if cfg.norm.proxy else "")),
+            "kind": summary.get("recipe") or cfg.recipe,
+            "params": cost_train["params"] / 1e6,
+            **res,
+            "gmacs_train": cost_train["gmacs"],
+            "gmacs_test": cost_test["gmacs"],
+            "train_images_per_sec": summary.get("train_images_per_sec"),
+            **inference,
+            "top1": at_test[0]["top1"] if at_test else summary.get("val_top1"),
+            "best_resolution": best["resolution"],
+            "best_top1": best["top1"],
+            "wall_seconds": summary.get("wall_seconds"),
+        })
+        bar.update(1)
+    bar.close()
+    files = write_outputs(out_dir, rows, sweeps)
+    return CompareResult(out_dir, rows, sweeps, trained, skipped, files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (also readable as plain text)."""
+    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if k in ("recipe", "model", "norm", "kind") else "---:" for k, _, _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def format_summary(result: CompareResult) -> str:
+    """A few lines for the end of a comparison: the most accurate and the fastest recipe, then the table."""
+    rows = result.rows
+    lines = []
+    if rows:
+        best = max(rows, key=lambda r: (r["top1"] or 0.0))
+        lines.append(f"most accurate: {best['recipe']} ({best['top1']:.2%} top-1 at {best['test_resolution']} px; "
+                     f"{best['best_top1']:.2%} at its best test resolution {best['best_resolution']} px)")
+        timed = [r for r in rows if r.get("train_images_per_sec")]
+        if timed:
+            fast = max(timed, key=lambda r: r["train_images_per_sec"])
+            lines.append(f"fastest training: {fast['recipe']} ({fast['train_images_per_sec']:.1f} img/s, "
+                         f"{fast['top1']:.2%} top-1)")
+        fast_inf = max(rows, key=lambda r: r["infer_images_per_sec"])
+        lines.append(f"fastest inference: {fast_inf['recipe']} ({fast_inf['infer_images_per_sec']:.1f} img/s at "
+                     f"{fast_inf['test_resolution']} px)")
+    if result.skipped:
+        lines.append(f"reused {len(result.skipped)} complete run(s): {', '.join(result.skipped)}")
+    lines.append("")
+    lines.append(format_table(rows))
+    lines.append("")
+    lines.append("files: " + ", ".join(str(p) for p in result.files.values()))
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]],
+                  sweeps: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Path]:
+    from ipu_effnet.analysis.plots import plot_accuracy_vs_resolution, plot_pareto
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "compare.md"
+    mem_kinds = sorted({r.get("memory_kind", "rss") for r in rows})
+    note = ("peak mem: CUDA max allocated" if mem_kinds == ["cuda"] else
+            "peak mem: peak resident memory above the process baseline")
+    md.write_text(
+        "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
+        f"Inference images/s and {note}, measured on this machine at the test resolution, batch "
+        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe. Training images/s "
+        "and wall time come from each run's summary.json. How to read this: docs/recipes.md.\n",
+        encoding="utf-8")
+    csv_path = out_dir / "compare.csv"
+    keys = [k for k, _, _ in COLUMNS] + ["memory_kind", "bench_batch"]
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    acc = plot_accuracy_vs_resolution([(r["recipe"], sweeps[r["recipe"]], r["train_resolution"]) for r in rows],
+                                      out_dir / "accuracy_vs_resolution.png")
+    par = plot_pareto([r["recipe"] for r in rows], [r["top1"] or 0.0 for r in rows],
+                      [r.get("train_images_per_sec") for r in rows], [r.get("infer_images_per_sec") for r in rows],
+                      out_dir / "pareto.png")
+    return {"compare.md": md, "compare.csv": csv_path, "accuracy_vs_resolution.png": acc, "pareto.png": par}
+
+
+def elapsed(start: float) -> str:
+    seconds = time.perf_counter() - start
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"

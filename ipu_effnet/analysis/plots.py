@@ -1,0 +1,139 @@
+"""Plots of the comparison tools: accuracy against test resolution (one checkpoint or many recipes) and
+the accuracy/throughput Pareto plot. Matplotlib with the Agg backend (no display needed); every function
+writes one PNG and returns its path.
+
+How to read them is in docs/recipes.md. The Pareto front is computed by `pareto_front`, a pure function
+(maximise both coordinates), so it is tested without drawing anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point beats in both coordinates (larger is better in both),
+    ordered by increasing x. A point equal to another in both coordinates is kept once (the first)."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1], i))
+    front: List[int] = []
+    best_y = float("-inf")
+    for i in order:  # walking from the largest x down, a point is on the front if its y beats all so far
+        if points[i][1] > best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return sorted(front, key=lambda i: (points[i][0], i))
+
+
+def _best(rows: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    return max(rows, key=lambda r: (r["top1"], -abs(r["resolution"])))
+
+
+def plot_sweep(rows: Sequence[Dict[str, float]], path: os.PathLike, train_resolution: Optional[int] = None,
+               test_resolution: Optional[int] = None, title: str = "") -> Path:
+    """Top-1 against test resolution for one checkpoint; the training resolution as a vertical line
+    (and the native test resolution, dotted, where it differs), the best point annotated."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["resolution"])
+    xs = [r["resolution"] for r in rows]
+    ys = [100.0 * r["top1"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(xs, ys, marker="o", color="tab:blue", label="top-1")
+    if train_resolution:
+        ax.axvline(train_resolution, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"training resolution ({train_resolution} px)")
+    if test_resolution and test_resolution != train_resolution:
+        ax.axvline(test_resolution, color="tab:green", linestyle=":", linewidth=1,
+                   label=f"native test resolution ({test_resolution} px)")
+    if rows:
+        best = _best(rows)
+        bx, by = best["resolution"], 100.0 * best["top1"]
+        ax.scatter([bx], [by], s=80, facecolors="none", edgecolors="black", zorder=3)
+        ax.annotate(f"best {by:.1f}% at {bx} px", (bx, by), textcoords="offset points", xytext=(6, -14),
+                    fontsize=9)
+    ax.set_xlabel("test resolution (px)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title or "accuracy against test resolution")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_resolution(sweeps: Sequence[Tuple[str, Sequence[Dict[str, float]], Optional[int]]],
+                                path: os.PathLike, title: str = "") -> Path:
+    """Every recipe's sweep on one plot: `sweeps` holds (name, rows, training resolution). Each line's
+    training resolution is marked with a square of the line's colour on the line (or a tick on the x axis
+    where the sweep did not evaluate it), so several training resolutions stay readable on one plot."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, rows, train_res in sweeps:
+        rows = sorted(rows, key=lambda r: r["resolution"])
+        if not rows:
+            continue
+        xs = [r["resolution"] for r in rows]
+        ys = [100.0 * r["top1"] for r in rows]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        if train_res:
+            at = [y for x, y in zip(xs, ys) if x == train_res]
+            if at:
+                ax.scatter([train_res], at, marker="s", s=50, color=line.get_color(), zorder=3)
+            ax.axvline(train_res, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("test resolution (px)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title or "accuracy against test resolution (squares, dotted lines: training resolution)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pareto_panel(ax, names: Sequence[str], xs: Sequence[Optional[float]], ys: Sequence[float], xlabel: str) -> None:
+    keep = [i for i, x in enumerate(xs) if x is not None and x > 0]
+    pts = [(float(xs[i]), ys[i]) for i in keep]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
+    for (x, y), i in zip(pts, keep):
+        ax.annotate(names[i], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = [pts[j] for j in pareto_front(pts)]
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", linestyle="--", linewidth=1,
+                drawstyle="steps-pre" if len(front) > 1 else "default", label="Pareto front")
+        ax.scatter([p[0] for p in front], [p[1] for p in front], s=90, facecolors="none", edgecolors="tab:red",
+                   zorder=4)
+        ax.legend(fontsize=8, loc="lower left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 at native resolution (%)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_pareto(names: Sequence[str], top1: Sequence[float], train_ips: Sequence[Optional[float]],
+                infer_ips: Sequence[Optional[float]], path: os.PathLike, title: str = "") -> Path:
+    """Two panels: top-1 (fractions in, percent shown) against training and against inference images/s,
+    each recipe a labelled point, the Pareto front (faster and more accurate is better) drawn dashed."""
+    plt = _pyplot()
+    ys = [100.0 * t for t in top1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    _pareto_panel(left, names, train_ips, ys, "training images/s")
+    _pareto_panel(right, names, infer_ips, ys, "inference images/s")
+    fig.suptitle(title or "accuracy against throughput (up and right is better)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,77 @@
+"""`compare`: run several recipes on one data set, sweep each over test resolutions, and write one table
+(compare.md, compare.csv) and two plots (accuracy_vs_resolution.png, pareto.png) into --out.
+
+    python -m ipu_effnet compare --recipes a.yaml b.yaml ... [--set key=value ...] --out DIR
+    python -m ipu_effnet compare --matrix --base configs/quickstart-digits.yaml --norms bn,gn,lnpn \
+        --kinds native,halfres --out DIR
+
+Each recipe trains in DIR/runs/<recipe name>/. Rerunning the same command skips complete runs
+(summary.json present) and resumes interrupted ones (checkpoints, no summary). `--set` applies to every
+recipe, after the recipe's own settings (e.g. --set data.path=/data/imagenet). How to read the outputs:
+docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ipu_effnet.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipes", nargs="+", default=[], metavar="YAML", help="recipe files, one row each")
+    parser.add_argument("--matrix", action="store_true",
+                        help="generate the recipes as --norms x --kinds on top of --base instead")
+    parser.add_argument("--base", default="configs/quickstart-digits.yaml", help="--matrix: the recipe to vary")
+    parser.add_argument("--norms", default="bn,gn,lnpn", help="--matrix: some of bn, gn, ln, gnpn, lnpn")
+    parser.add_argument("--kinds", "--recipes-kind", dest="kinds", default="native,halfres",
+                        help="--matrix: some of native, halfres, progressive")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override every recipe, e.g. --set data.path=/data/imagenet (repeatable)")
+    parser.add_argument("--out", required=True, help="output directory (runs/, compare.md, plots)")
+    parser.add_argument("--res", default=None, metavar="R1,R2,...",
+                        help="sweep resolutions for every recipe (default: 0.5x-1.5x each test resolution)")
+    add_bench_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bench-batch", type=int, default=16, help="inference measurement batch size")
+    parser.add_argument("--bench-steps", type=int, default=5, help="inference measurement timed steps")
+
+
+def bench_settings(args: argparse.Namespace):
+    from ipu_effnet.analysis.compare import BenchSettings
+
+    if args.bench_batch < 1 or args.bench_steps < 1:
+        raise UsageError("--bench-batch and --bench-steps must be at least 1")
+    return BenchSettings(batch=args.bench_batch, steps=args.bench_steps)
+
+
+def select_recipes(args: argparse.Namespace):
+    from ipu_effnet.analysis.compare import matrix_recipes, recipes_from_files
+
+    if args.matrix:
+        if args.recipes:
+            raise UsageError("give either --recipes FILES or --matrix (with --base, --norms, --kinds), not both")
+        split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+        return matrix_recipes(args.base, split(args.norms), split(args.kinds))
+    if not args.recipes:
+        raise UsageError("compare needs --recipes FILE [FILE ...] (or --matrix)")
+    return recipes_from_files(args.recipes)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ipu_effnet.analysis.compare import compare, elapsed, format_summary
+    from ipu_effnet.analysis.sweep import parse_resolutions
+
+    recipes = select_recipes(args)
+    resolutions = parse_resolutions(args.res) if args.res else None
+    start = time.perf_counter()
+    result = compare(recipes, args.out, overrides=args.overrides, sweep_resolutions=resolutions,
+                     bench=bench_settings(args), progress=not args.no_progress)
+    print(format_summary(result))
+    print(f"compare: {len(recipes)} recipes in {elapsed(start)}")
+    return 0

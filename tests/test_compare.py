@@ -1,0 +1,140 @@
+"""Recipe comparison: the Pareto front, the table and plots over two tiny recipes, and a comparison
+interrupted mid-matrix that, rerun, does not train its completed runs again."""
+
+import csv
+import os
+
+import pytest
+
+from ipu_effnet.analysis.compare import (
+    BenchSettings,
+    compare,
+    format_summary,
+    format_table,
+    matrix_recipes,
+    recipes_from_files,
+    run_state,
+    train_recipe,
+)
+from ipu_effnet.analysis.plots import pareto_front
+from ipu_effnet.errors import UsageError
+
+TINY = """
+backend: torch
+model: {{name: efficientnet_tiny, num_classes: 4, resolution: 32, group_size: 16, drop_path_rate: 0.0}}
+norm: {{kind: {norm}, groups: 4}}
+data: {{dataset: generated, num_train: 16, num_val: 8, workers: 0}}
+train: {{epochs: 1, micro_batch: 8, optimizer: sgd, lr: 0.05, lr_schedule: cosine, warmup_epochs: 0}}
+logging: {{progress: false, log_every: 1}}
+"""
+BENCH = BenchSettings(batch=2, steps=1, warmup=0)
+
+
+def test_pareto_front_on_hand_made_points():
+    points = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.7), (2.5, 0.6), (4.0, 0.3), (0.5, 0.95), (4.0, 0.2), (2.0, 0.9)]
+    # (2.5, 0.6) is beaten by (3, 0.7); (4, 0.2) by (4, 0.3); the repeated (2, 0.9) is kept once
+    assert pareto_front(points) == [5, 1, 2, 4]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [0]
+
+
+def recipes(tmp_path, norms=("group", "layer")):
+    paths = []
+    for norm in norms:
+        p = tmp_path / f"tiny-{norm}.yaml"
+        p.write_text(TINY.format(norm=norm))
+        paths.append(str(p))
+    return recipes_from_files(paths)
+
+
+def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path):
+    out = tmp_path / "cmp"
+    calls = []
+
+    def interrupted(cfg, run_dir, **kwargs):
+        calls.append(run_dir.name)
+        if len(calls) == 2:  # killed in the middle of the second recipe, after its first checkpoint
+            raise KeyboardInterrupt
+        return train_recipe(cfg, run_dir, **kwargs)
+
+    rs = recipes(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        compare(rs, out, bench=BENCH, progress=False, log=lambda _m: None, train_fn=interrupted)
+    first = out / "runs" / "tiny-group" / "summary.json"
+    assert run_state(out / "runs" / "tiny-group") == "complete"
+    assert run_state(out / "runs" / "tiny-layer") == "new"
+    mtime = os.stat(first).st_mtime_ns
+
+    calls.clear()
+
+    def counting(cfg, run_dir, **kwargs):
+        calls.append((run_dir.name, kwargs["resume"]))
+        return train_recipe(cfg, run_dir, **kwargs)
+
+    result = compare(rs, out, sweep_resolutions=[32, 40], bench=BENCH, progress=False, log=lambda _m: None,
+                     train_fn=counting)
+    assert calls == [("tiny-layer", False)]
+    assert result.skipped == ["tiny-group"] and result.trained == ["tiny-layer"]
+    assert os.stat(first).st_mtime_ns == mtime
+    for name in ("compare.md", "compare.csv", "accuracy_vs_resolution.png", "pareto.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["recipe"] for r in rows] == ["tiny-group", "tiny-layer"]
+    for r in rows:
+        assert r["model"] == "efficientnet_tiny"
+        assert int(r["train_resolution"]) == 32 and int(r["test_resolution"]) == 32
+        assert float(r["params"]) > 0 and float(r["gmacs_train"]) > 0
+        assert float(r["gmacs_train"]) == pytest.approx(float(r["gmacs_test"]))
+        assert float(r["infer_images_per_sec"]) > 0 and float(r["train_images_per_sec"]) > 0
+        assert 0.0 <= float(r["top1"]) <= 1.0
+        assert int(r["best_resolution"]) in (32, 40)
+    assert [r["norm"] for r in rows] == ["group", "layer"]
+    md = (out / "compare.md").read_text()
+    assert "| tiny-group |" in md and "GMACs train" in md
+    text = format_summary(result)
+    assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
+
+    # a third call trains nothing and reuses the sweeps
+    calls.clear()
+    sweep_mtime = os.stat(out / "runs" / "tiny-layer" / "sweep.csv").st_mtime_ns
+    result = compare(rs, out, bench=BENCH, progress=False, log=lambda _m: None, train_fn=counting)
+    assert calls == [] and result.skipped == ["tiny-group", "tiny-layer"]
+    assert os.stat(out / "runs" / "tiny-layer" / "sweep.csv").st_mtime_ns == sweep_mtime
+
+
+def test_an_interrupted_run_is_resumed(tmp_path):
+    out = tmp_path / "cmp"
+    rs = recipes(tmp_path, norms=("group",))
+    run_dir = out / "runs" / "tiny-group"
+    compare(rs, out, sweep_resolutions=[32], bench=BENCH, progress=False, log=lambda _m: None)
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+    assert run_state(run_dir) == "partial"
+    calls = []
+
+    def counting(cfg, run_dir, **kwargs):
+        calls.append(kwargs["resume"])
+        return train_recipe(cfg, run_dir, **kwargs)
+
+    compare(rs, out, sweep_resolutions=[32], bench=BENCH, progress=False, log=lambda _m: None, train_fn=counting)
+    assert calls == [True] and run_state(run_dir) == "complete"
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    with pytest.raises(UsageError):
+        recipes_from_files([str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.format(norm="group") + "trian: {epochs: 1}\n")
+    with pytest.raises(UsageError):
+        compare(recipes_from_files([str(bad)]), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+    with pytest.raises(UsageError):
+        matrix_recipes(str(bad), ["xx"], ["native"])
+    m = matrix_recipes(str(bad), ["bn", "lnpn"], ["native", "halfres"])
+    assert [r.name for r in m] == ["bad-bn-native", "bad-bn-halfres", "bad-lnpn-native", "bad-lnpn-halfres"]
+    assert "norm.proxy=true" in m[2].overrides
+
+
+def test_table_formats_missing_values():
+    table = format_table([{"recipe": "a", "top1": 0.5, "train_images_per_sec": None}])
+    assert "| a |" in table and "50.00%" in table and " - " in table
