@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ipu_effnet.errors import UsageError
 
@@ -25,24 +24,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
+def load_run_checkpoint(checkpoint: str, overrides=()):
+    """(path, checkpoint, config) for a checkpoint file or a run directory (its final checkpoint), with
+    `--set` overrides applied to the stored config. Shared by evaluate and finetune."""
+    from ipu_effnet.analysis.sweep import resolve_checkpoint
     from ipu_effnet.config import Config, apply_overrides
-    from ipu_effnet.data import create_dataset, create_loader
-    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint, rebuild_model
-    from ipu_effnet.training.loop import evaluate, train_resolution
+    from ipu_effnet.training.checkpoint import load_checkpoint
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UsageError(f"--checkpoint {path}: no checkpoint in that directory")
-        path = found
+    path = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(path)
     if ckpt.get("config") is None:
         raise UsageError(f"{path}: the checkpoint holds no config, so its data set is unknown")
-    cfg = apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), args.overrides)
+    return path, ckpt, apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ipu_effnet.data import create_dataset, create_loader
+    from ipu_effnet.training.checkpoint import rebuild_model
+    from ipu_effnet.training.loop import evaluate, train_resolution
+
+    path, ckpt, cfg = load_run_checkpoint(args.checkpoint, args.overrides)
     res = args.res or cfg.data.eval_resolution or train_resolution(cfg)
     if res < 32:
         raise UsageError(f"--res {res}: the resolution must be at least 32")

@@ -34,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipu_effnet.config import Config, apply_overrides
-    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
+    from ipu_effnet.commands.evaluate import load_run_checkpoint
     from ipu_effnet.training.recipes import finetune_phase
 
     if args.res < 32:
@@ -44,16 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs {args.epochs}: expected a number > 0")
     if args.lr is not None and args.lr < 0:
         raise UsageError(f"--lr {args.lr}: expected a number >= 0")
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UsageError(f"--checkpoint {path}: no checkpoint in that directory")
-        path = found
-    ckpt = load_checkpoint(path)
-    if ckpt.get("config") is None:
-        raise UsageError(f"{path}: the checkpoint holds no config, so its data set is unknown")
-    cfg = apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), args.overrides)
+    path, ckpt, cfg = load_run_checkpoint(args.checkpoint, args.overrides)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out = Path(args.out) if args.out else run_dir / f"finetune-{args.res}"
     if (out / "summary.json").is_file():
