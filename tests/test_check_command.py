@@ -13,14 +13,14 @@ from ipu_effnet.cli import main
 from ipu_effnet.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+RECIPES = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "quickstart").glob("*.yaml")])
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ipu_effnet", *argv], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_recipe_checks(recipe, capsys):
     assert main(["check", "--config", str(recipe), "--json"]) == 0
     assert '"params"' in capsys.readouterr().out

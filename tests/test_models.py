@@ -120,12 +120,13 @@ def test_drop_path_schedule_is_linear_over_all_blocks():
     rates = [a.drop_path_rate for s in model.block_args for a in s]
     assert len(rates) == 16
     assert rates == pytest.approx([0.2 * i / 16 for i in range(16)])
-    # the module exists exactly on residual blocks with a non-zero rate
-    for stage in model.blocks:
-        for block in stage:
-            assert isinstance(block.drop_path, DropPath) == (block.has_residual and block.drop_path.__class__ is DropPath)
-            if not block.has_residual:
-                assert isinstance(block.drop_path, nn.Identity)
+    # the module exists exactly on residual blocks with a non-zero rate, and carries that rate
+    for stage, stage_args in zip(model.blocks, model.block_args):
+        for block, args in zip(stage, stage_args):
+            expected = block.has_residual and args.drop_path_rate > 0
+            assert isinstance(block.drop_path, DropPath) == expected, args.path
+            if expected:
+                assert block.drop_path.rate == args.drop_path_rate
     assert model.blocks[6][0].has_residual is False and model.blocks[1][1].has_residual is True
 
 

@@ -66,11 +66,7 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: os.PathLike, train_resolu
     ax.set_title(title or "accuracy against test resolution")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower center")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_accuracy_vs_resolution(sweeps: Sequence[Tuple[str, Sequence[Dict[str, float]], Optional[int]]],
@@ -97,6 +93,10 @@ def plot_accuracy_vs_resolution(sweeps: Sequence[Tuple[str, Sequence[Dict[str, f
     ax.set_title(title or "accuracy against test resolution (squares, dotted lines: training resolution)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -132,8 +132,4 @@ def plot_pareto(names: Sequence[str], top1: Sequence[float], train_ips: Sequence
     _pareto_panel(left, names, train_ips, ys, "training images/s")
     _pareto_panel(right, names, infer_ips, ys, "inference images/s")
     fig.suptitle(title or "accuracy against throughput (up and right is better)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

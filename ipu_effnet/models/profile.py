@@ -37,10 +37,11 @@ class Profile:
     def gmacs(self) -> float:
         return self.macs / 1e9
 
+    def __post_init__(self) -> None:
+        self._index = {m.path: m for m in self.modules}
+
     def module(self, path: str) -> ModuleCost:
         """The cost entry of one module path (KeyError if the model has no such module)."""
-        if len(getattr(self, "_index", {})) != len(self.modules):
-            self._index = {m.path: m for m in self.modules}
         return self._index[path]
 
     def totals(self, prefix: str) -> Tuple[int, int]:
@@ -140,7 +141,7 @@ def stage_table(model: nn.Module, profile: Profile) -> List[StageRow]:
     rows.append(row("stem", "stem", "conv3x3", 1, "stem"))
     for i, stage in enumerate(model.block_args):
         first = stage[0]
-        op = f"{'MBConv' if first.block == 'mbconv' else 'FusedMBConv'}{_fmt_ratio(first, stage)} k{first.kernel}"
+        op = f"{'MBConv' if first.block == 'mbconv' else 'FusedMBConv'}{_fmt_ratio(stage)} k{first.kernel}"
         rows.append(row(f"stage {i}", f"blocks.{i}", op, len(stage), f"blocks.{i}.{len(stage) - 1}"))
     rows.append(row("head", "head", "conv1x1", 1, "head"))
     params, macs = profile.totals("classifier")
@@ -149,7 +150,7 @@ def stage_table(model: nn.Module, profile: Profile) -> List[StageRow]:
     return rows
 
 
-def _fmt_ratio(first: Any, stage: List[Any]) -> str:
+def _fmt_ratio(stage: List[Any]) -> str:
     args = stage[-1]  # later blocks show the stage's own expansion (the first may differ in width only)
     ratio = args.mid_chs / args.in_chs
     return f"{ratio:g}" if ratio == int(ratio) else f"{ratio:.2f}"
