@@ -78,6 +78,7 @@ PRECISIONS = ("32.32", "16.32", "16.16", "bf16")  # weights.partials, Graphcore'
 RECIPES = ("native", "halfres", "progressive")
 BACKENDS = ("auto", "torch", "ipu", "pipeline")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
+HOST_COLLECTIVES = ("auto", "horovod", "gloo")  # backends/host_collectives.py
 
 DEFAULTS_SOURCE = "<defaults>"
 OVERRIDE_SOURCE = "--set"
@@ -208,7 +209,8 @@ class IpuConfig:
 
 @dataclass
 class DistributedConfig:
-    backend: str = option("auto", choices=DIST_BACKENDS)
+    backend: str = option("auto", choices=DIST_BACKENDS)  # torch.distributed under torchrun
+    host_collectives: str = option("auto", choices=HOST_COLLECTIVES)  # between poprun instances
 
 
 @dataclass

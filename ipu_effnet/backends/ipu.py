@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -503,10 +503,12 @@ class IpuRunner:
             self.executor.detachFromDevice()  # both programs need the same IPUs
         return self._inference(images, labels)
 
-    def evaluate_loader(self, loader: Any) -> Dict[str, float]:
+    def evaluate_loader(self, loader: Any,
+                        reduce: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None) -> Dict[str, float]:
         """Top-1, top-5 (fractions), mean plain cross entropy and sample count over `loader`'s batches of
         at most eval_batch images (a short last batch is padded, and the padding not counted), like
-        `training.loop.evaluate`. Picks up the host model's current weights (e.g. swapped-in averages)."""
+        `training.loop.evaluate`. Picks up the host model's current weights (e.g. swapped-in averages).
+        `reduce` sums the counts over poprun instances (each evaluates its own shard)."""
         if self._inference is not None and self._inference_ran:
             self._inference.copyWeightsToDevice()
         sums = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "samples": 0.0}
@@ -528,9 +530,26 @@ class IpuRunner:
             sums["correct5"] += float(hit.any(1).sum())
             sums["loss"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             sums["samples"] += n
+        if reduce is not None:
+            sums = reduce(sums)
         total = max(sums["samples"], 1.0)
         return {"top1": sums["correct1"] / total, "top5": sums["correct5"] / total, "loss": sums["loss"] / total,
                 "samples": int(sums["samples"])}
+
+    def optimizer_state(self) -> Dict[str, Any]:
+        """The poptorch optimiser's state for a checkpoint: its state_dict, which after a step holds the
+        device-side state (momentum, RMSprop accumulators) under "ipu_state" and "ipu_param"."""
+        return self.ipu_optimizer.state_dict()
+
+    def load_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `optimizer_state` returned (a resumed run); poptorch uploads it with the next call."""
+        from ipu_effnet.training.checkpoint import CheckpointError
+
+        if "ipu_state" not in state or "ipu_param" not in state:
+            raise CheckpointError("the checkpoint's IPU optimiser state has no 'ipu_state' / 'ipu_param': "
+                                  "it was not written by the IPU backend")
+        self.ipu_optimizer.load_state_dict(dict(state))  # the object the executor holds: no setOptimizer
+        self._pushed_lrs = [float(g["lr"]) for g in self.ipu_optimizer.param_groups]  # what the device gets
 
     def sync_weights_to_host(self) -> None:
         """Bring the trained weights back into the host model (before averaging or a checkpoint)."""

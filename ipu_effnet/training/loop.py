@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ipu_effnet.backends import resolve_backend
+from ipu_effnet.backends.host_collectives import LocalCollectives, poprun_collectives, torch_collectives
 from ipu_effnet.backends.torch_backend import TorchRunner, autocast_dtype
 from ipu_effnet.config import Config, model_kwargs, write_resolved
 from ipu_effnet.data import create_dataset, create_loader
@@ -57,9 +58,13 @@ from ipu_effnet.training.schedules import schedule_from_config
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: torchrun rank (DDP) or poprun instance, and the host collectives
+    between the processes (backends/host_collectives.py)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    collectives: Any = field(default_factory=LocalCollectives)
 
     @property
     def is_main(self) -> bool:
@@ -75,16 +80,24 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                    torch_collectives())
+
+
+def init_poprun(cfg: Config, log: Callable[[str], None]) -> DistInfo:
+    """poprun instances (not torch.distributed ranks): each trains its replicas on its own data shard;
+    instance 0 logs and writes checkpoints; metrics and initial weights go through host collectives."""
+    from ipu_effnet.backends.ipu import poprun_instance
+
+    instance, instances = poprun_instance()
+    return DistInfo(instance, instances, 0, poprun_collectives(cfg.distributed.host_collectives, instance,
+                                                                instances, log=log if instance == 0 else None))
 
 
 def all_reduce_sum(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
     if info.world_size == 1:
         return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    return info.collectives.all_reduce_sum(values)
 
 
 def train_resolution(cfg: Config) -> int:
@@ -205,13 +218,10 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     info = init_distributed(cfg.distributed.backend)
     say = log if info.is_main else (lambda _msg: None)
     backend = resolve_backend(cfg.backend, log=say)
-    shard = (info.rank, info.world_size)  # this process's share of the data
-    if backend == "ipu":  # poprun instances are not torch.distributed ranks: instance 0 logs and checkpoints
-        from ipu_effnet.backends.ipu import poprun_instance
-
-        shard = poprun_instance()
-        info = DistInfo(rank=shard[0], world_size=1)
+    if backend == "ipu":
+        info = init_poprun(cfg, log)
         say = log if info.is_main else (lambda _msg: None)
+    shard = (info.rank, info.world_size)  # this process's share of the data
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     ckpt = None
@@ -228,7 +238,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             for stale in ("metrics.jsonl", "summary.json"):
                 (run_dir / stale).unlink(missing_ok=True)
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(info.collectives.broadcast_object(cfg.train.seed))  # one seed for every process
     stages = phase.stages or [Stage(train_resolution(cfg), None, cfg.train.randaugment_magnitude,
                                     cfg.train.mixup_alpha)]
     res = stages[-1].resolution
@@ -274,7 +284,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if cfg.train.ema_decay is not None:
         ema = averagers["ema"] = WeightAverager(cfg.train.ema_decay, interval="step")
     net: nn.Module = tm
-    if info.world_size > 1:
+    if info.world_size > 1 and backend == "torch":
         net = nn.parallel.DistributedDataParallel(tm, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_epoch, step = 0, 0
@@ -284,13 +294,16 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if backend == "ipu":  # after the restore, so the restored weights are what goes to the device
         from ipu_effnet.backends import prepare
 
+        info.collectives.broadcast_module(model)  # every instance starts from instance 0's weights
         runner = prepare("ipu", tm, optimizer, cfg, log=say, num_samples=len(train_set) // shard[1])
+        if ckpt is not None and (ckpt.get("extra") or {}).get("ipu_optimizer") is not None:
+            runner.load_optimizer_state(ckpt["extra"]["ipu_optimizer"])
     else:
         runner = TorchRunner(net, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
 
     def run_eval() -> Dict[str, float]:
         if backend == "ipu":
-            return runner.evaluate_loader(val_loader)
+            return runner.evaluate_loader(val_loader, reduce=info.collectives.all_reduce_sum)
         return evaluate(tm, val_loader, device, cfg.train.precision, info)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -367,8 +380,9 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             f"val top-1 {val['top1']:.2%}, top-5 {val['top5']:.2%}, {record['images_per_sec']:.1f} img/s")
         last = epoch + 1 == num_epochs
         if info.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
+            extra = {"ipu_optimizer": runner.optimizer_state()} if backend == "ipu" else None
             state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers=averagers,
-                                    config=cfg.to_dict())
+                                    config=cfg.to_dict(), extra=extra)
             last_checkpoint = save_checkpoint(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch + 1, step), state,
                                               keep=cfg.train.keep_checkpoints)
 
