@@ -453,3 +453,74 @@ def test_the_training_loop_runs_on_the_ipu_backend(poptorch, tmp_path):
     initial = create_model(name, **kwargs).state_dict()
     changed = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, ckpt["model"][k])]
     assert "classifier.weight" in changed and len(changed) > len(initial) // 2
+
+
+def test_a_resumed_ipu_run_carries_the_device_optimiser_state(poptorch, tmp_path):
+    """The poptorch optimiser's state lives on the device; checkpoints hold it ("ipu_state") and a resumed
+    run loads it back, so momentum survives: resuming from epoch 1 ends bitwise where the straight run did."""
+    import shutil
+
+    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
+    from ipu_effnet.training.loop import train
+
+    cfg = tiny_cfg("model.resolution=32", "model.num_classes=4", "model.group_size=16", "norm.kind=group",
+                   "model.drop_rate=0.0", "model.drop_path_rate=0.0", "data.num_train=16", "data.num_val=8",
+                   "train.micro_batch=4", "train.epochs=2", "train.optimizer=sgd", "train.lr_schedule=constant",
+                   "train.warmup_epochs=0", "train.keep_checkpoints=2", "logging.progress=false")
+    train(cfg, tmp_path / "straight", log=lambda _m: None)
+    final = latest_checkpoint(tmp_path / "straight")
+    saved = load_checkpoint(final)["extra"]["ipu_optimizer"]
+    assert saved["ipu_state"] and all(k.endswith("momentum_buffer") for k in saved["ipu_state"])
+
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoints" / final.name).unlink()  # as if stopped after epoch 1
+    train(cfg, tmp_path / "resumed", resume=True, log=lambda _m: None)
+    a, b = load_checkpoint(final), load_checkpoint(latest_checkpoint(tmp_path / "resumed"))
+    assert a["step"] == b["step"] == 8
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_ipu_optimiser_state_from_elsewhere_is_refused(poptorch):
+    from ipu_effnet.backends.ipu import prepare_ipu
+    from ipu_effnet.training.checkpoint import CheckpointError
+
+    cfg = tiny_cfg()
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare_ipu(tm, opt, cfg)
+    with pytest.raises(CheckpointError, match="not written by the IPU backend"):
+        runner.load_optimizer_state(opt.state_dict())  # a torch optimiser's state: no "ipu_state"
+
+
+@pytest.mark.distributed
+def test_two_poprun_instances_report_metrics_over_both_shards(tmp_path):
+    """Two poprun instances (POPDIST_* set as poprun would, the double as poptorch): instance 0 logs the
+    validation over both shards, through gloo host collectives, and alone writes the run directory."""
+    import json
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = ["model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4",
+                 "model.group_size=16", "norm.kind=group", "data.num_train=16", "data.num_val=10",
+                 "train.micro_batch=2", "train.epochs=1", "ipu.replicas=2", "backend=ipu",
+                 "distributed.host_collectives=gloo", "logging.progress=false"]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{DOUBLE}{os.pathsep}{ROOT}",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), POPDIST_NUM_INSTANCES="2",
+                   POPDIST_INSTANCE_INDEX=str(i), POPDIST_NUM_TOTAL_REPLICAS="2", POPDIST_NUM_IPUS_PER_REPLICA="1")
+        args = [sys.executable, "-m", "ipu_effnet", "train", "--config", str(TINY), "--out", str(tmp_path / "run")]
+        for o in overrides:
+            args += ["--set", o]
+        procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "poprun: instance 1/2, host collectives through torch.distributed" in outs[0][0]
+    assert outs[1][0].strip() == ""  # instance 1 says nothing
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val_samples"] == 10 and summary["world_size"] == 2  # 5 per shard, summed

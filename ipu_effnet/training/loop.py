@@ -408,6 +408,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "val_top1": val["top1"],
         "val_top5": val["top5"],
         "val_loss": val["loss"],
+        "val_samples": val["samples"],  # over every process's shard
         "val_top1_averaged": val_avg["top1"],
         "val_top1_ema": val_ema["top1"] if val_ema is not None else None,
         "train_images_per_sec": train_images / train_time if train_time > 0 else None,
