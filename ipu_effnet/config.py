@@ -78,6 +78,7 @@ PRECISIONS = ("32.32", "16.32", "16.16", "bf16")  # weights.partials, Graphcore'
 RECIPES = ("native", "halfres", "progressive")
 BACKENDS = ("auto", "torch", "ipu", "pipeline")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # backend pipeline: torch.distributed.pipelining schedules
 
 DEFAULTS_SOURCE = "<defaults>"
 OVERRIDE_SOURCE = "--set"
@@ -209,6 +210,7 @@ class IpuConfig:
 @dataclass
 class DistributedConfig:
     backend: str = option("auto", choices=DIST_BACKENDS)
+    pipeline_schedule: str = option("1f1b", choices=PIPELINE_SCHEDULES)  # backend pipeline: over grad_accum micro-batches
 
 
 @dataclass
