@@ -140,15 +140,13 @@ def test_two_splits_at_the_same_point_leave_a_stage_empty():
         build_stage_steps(tiny_model(tiny_cfg()), ["blocks.3.0", "blocks.3.0.conv_pw"])
 
 
-def test_config_checks_world_size_mixing_schedule_and_fp16():
+def test_config_checks_world_size_schedule_and_fp16():
     cfg = tiny_cfg("ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]")
     tm = TrainingModel(tiny_model(cfg))
     assert check_pipeline_config(cfg, tm, world_size=2, amp_dtype=None) == 2
     with pytest.raises(UsageError, match=r"makes 2 stages, one rank each, but the world size is 3; "
                                          r"run torchrun --nproc_per_node 2"):
         check_pipeline_config(cfg, tm, world_size=3, amp_dtype=None)
-    with pytest.raises(UsageError, match="mixup or cutmix"):
-        check_pipeline_config(cfg, TrainingModel(tm.model, mixup_alpha=0.2), 2, None)
     with pytest.raises(UsageError, match="fp16"):
         check_pipeline_config(cfg, tm, 2, torch.float16)
     short = tiny_cfg("ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]", "train.grad_accum=1")
@@ -249,15 +247,17 @@ dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_gpipe_with_a_residual_crossing_ranks_matches_torch_runner_on_every_rank(tmp_path):
+def test_gpipe_with_a_residual_crossing_ranks_and_mixing_matches_torch_runner_on_every_rank(tmp_path):
     """The runner alone: GPipe over 4 micro-batches, split inside residual block blocks.5.1 (two tensors
-    cross), rmsprop_tf with weight decay and label smoothing; after sync_weights_to_host both ranks hold the full model and
+    cross), rmsprop_tf with weight decay, label smoothing, mixup and cutmix (drawn on rank 0 in
+    TrainingModel's order, so the same coefficients as one process); after sync_weights_to_host both ranks hold the full model and
     optimiser state of the single-process TorchRunner run, and report its loss and top-1 hits."""
     from ipu_effnet.backends.torch_backend import TorchRunner
     from ipu_effnet.training.optim import optimizer_from_config
 
     overrides = TINY + ["backend=pipeline", "ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.5.1.conv_dw]",
-                        "distributed.pipeline_schedule=gpipe", "train.optimizer=rmsprop_tf", "train.lr=0.01"]
+                        "distributed.pipeline_schedule=gpipe", "train.optimizer=rmsprop_tf", "train.lr=0.01",
+                        "train.mixup_alpha=0.2", "train.cutmix=true"]
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml", overrides)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen),

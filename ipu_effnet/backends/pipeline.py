@@ -19,10 +19,13 @@ backend"):
   their own forward; a cut block (MBConv, Fused-MBConv) runs its children in order, which a test checks
   against the block's forward. Splits deeper than a block's direct children are rejected, naming the
   nearest usable split.
-- The first stage normalises the uint8 images and casts them (TrainingModel.normalize); the last stage's
-  output is the logits, and the schedule's loss_fn is TrainingModel.loss (label smoothing included), the
-  same function as in TrainingModel.forward. Mixup and cutmix are rejected: their coefficients would have
-  to travel from the first stage to the loss.
+- The first stage normalises the uint8 images (TrainingModel.normalize), mixes them and casts them; the
+  last stage's output is the logits, and the schedule's loss_fn is TrainingModel.loss (label smoothing
+  included) over the mixed targets, the same functions as in TrainingModel.forward. Mixup and cutmix
+  coefficients are drawn on rank 0 from torch's global generator, per micro-batch in TrainingModel's
+  order (mixup, then the cutmix box), and broadcast: the first stage mixes the images with them, the last
+  stage weighs the targets with them (`mix_targets`). They reach the stages as inputs the schedule splits
+  into micro-batches: per-image coefficients, and one box row per micro-batch, as on the IPU.
 - Every rank holds the whole TrainingModel and an optimiser over all of it (EfficientNet's weights are
   small next to its activations); only the stage's parameters get gradients, so only they change.
   `sync_weights_to_host()` broadcasts each stage's parameters, buffers and optimiser state from its rank
@@ -51,6 +54,7 @@ import torch.nn as nn
 
 from ipu_effnet.errors import UsageError
 from ipu_effnet.pipeline.splits import stage_starts
+from ipu_effnet.training.model import mix_batch, mix_targets
 
 __all__ = [
     "PIPELINING_MISSING",
@@ -211,17 +215,21 @@ class StageModule(nn.Module):
     """One pipeline stage of a TrainingModel's network. Its parameters are the stage's own (what
     PipelineStage scales and the schedule differentiates); the TrainingModel is held by reference.
 
-    forward(images) on the first stage (uint8, normalised here), forward(y[, shortcut]) on the others;
-    returns y, or (y, shortcut) when the stage ends inside a residual block."""
+    forward(images[, mixup_coeffs][, cutmix_box]) on the first stage (uint8, normalised and mixed here; a
+    box arrives as this micro-batch's (1, 4) row), forward(y[, shortcut]) on the others; returns y, or
+    (y, shortcut) when the stage ends inside a residual block."""
 
     def __init__(self, training_model: nn.Module, steps: Sequence[Step], first: bool,
-                 amp_dtype: Optional[torch.dtype] = None, device_type: str = "cpu") -> None:
+                 amp_dtype: Optional[torch.dtype] = None, device_type: str = "cpu", mixup: bool = False,
+                 cutmix: bool = False) -> None:
         super().__init__()
         self._tm = (training_model,)  # a tuple: not registered, so parameters() is this stage's only
         self.steps = list(steps)
         self.first = first
         self.amp_dtype = amp_dtype
         self.device_type = device_type
+        self.mixup = mixup  # which mixing inputs the first stage takes (fixed per schedule)
+        self.cutmix = cutmix
         self.parts = nn.ModuleList(stage_modules(training_model.model, self.steps))
 
     def autocast(self):
@@ -234,7 +242,13 @@ class StageModule(nn.Module):
         model = tm.model
         with self.autocast():
             if self.first:
-                y = tm.normalize(inputs[0]).to(tm.network_dtype())
+                y = tm.normalize(inputs[0])
+                if self.mixup or self.cutmix:
+                    coeffs = inputs[1] if self.mixup else None
+                    box = inputs[-1].reshape(4) if self.cutmix else None
+                    no_labels = torch.zeros(y.shape[0], dtype=torch.int64, device=y.device)
+                    y = mix_batch(y, no_labels, coeffs, box)[0]
+                y = y.to(tm.network_dtype())
                 if tm.channels_last:
                     y = y.contiguous(memory_format=torch.channels_last)
                 shortcut = None
@@ -271,10 +285,6 @@ def check_pipeline_config(cfg: Any, training_model: nn.Module, world_size: int, 
     if world_size != stages:
         raise UsageError(f"backend 'pipeline': ipu.pipeline_splits = {splits!r} makes {stages} stages, one rank "
                          f"each, but the world size is {world_size}; run torchrun --nproc_per_node {stages}")
-    if training_model.mixup_alpha > 0 or training_model.cutmix:
-        raise UsageError("backend 'pipeline' does not support mixup or cutmix (their coefficients would have to "
-                         "reach the loss on the last stage): set train.mixup_alpha=0 and train.cutmix=false, "
-                         "or use backend=torch")
     if amp_dtype == torch.float16:
         raise UsageError(f"train.precision = {cfg.train.precision!r} on CUDA is fp16, which needs loss scaling "
                          "across stages that backend 'pipeline' does not do; use 32.32 or bf16")
@@ -307,45 +317,90 @@ class PipelineRunner:
         self.schedule_name = cfg.distributed.pipeline_schedule
         self.splits = list(cfg.ipu.pipeline_splits)
         self.stage_steps = build_stage_steps(training_model.model, self.splits)
-        self.module = StageModule(training_model, self.stage_steps[self.rank], first=self.rank == 0,
-                                  amp_dtype=self.amp_dtype, device_type=self.device.type)
         self.is_first = self.rank == 0
         self.is_last = self.rank == self.num_stages - 1
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._schedule: Any = None
-        self._shape: Optional[Tuple[int, ...]] = None
+        self._key: Optional[Tuple[Any, ...]] = None
+        self._mixing = (False, False)  # (mixup, cutmix) of the current schedule, for the loss
+        self._size = (0, 0)  # image height and width, for the cutmix share in the loss
         if log is not None:
             log(f"pipeline: {self.num_stages} stages over {self.num_stages} ranks, splits {self.splits}; "
                 f"{self.schedule_name} schedule over {self.grad_accum} micro-batches per step")
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones(target.shape[0], dtype=torch.float32, device=logits.device)
-        return self.training_model.loss(logits, [target], [ones])
+        """loss_fn of the last stage; `target` is one micro-batch of the packed rows (label[, mixup
+        coefficient][, cutmix box]) that `step` builds."""
+        labels = target[:, 0].long()
+        mixup, cutmix = self._mixing
+        coeffs = target[:, 1] if mixup else None
+        box = target[0, -4:].long() if cutmix else None
+        height, width = self._size
+        targets, weights = mix_targets(labels, height, width, coeffs, box)
+        return self.training_model.loss(logits, targets, weights)
 
-    def schedule(self, shape: Tuple[int, ...]) -> Any:
-        """The schedule for host batches of `shape`; rebuilt when the shape changes (progressive resizing),
-        as the stages infer the tensors they exchange from the first micro-batch."""
-        if self._schedule is None or shape != self._shape:
+    def schedule(self, shape: Tuple[int, ...], mixup: bool, cutmix: bool) -> Any:
+        """The schedule for host batches of `shape` with these mixing inputs; rebuilt when either changes
+        (progressive resizing and mixup stages), as the stages infer what they exchange from the first
+        micro-batch."""
+        key = (shape, mixup, cutmix)
+        if self._schedule is None or key != self._key:
             p = self.pipelining
-            stage = p.PipelineStage(self.module, self.rank, self.num_stages, self.device)
+            module = StageModule(self.training_model, self.stage_steps[self.rank], first=self.is_first,
+                                 amp_dtype=self.amp_dtype, device_type=self.device.type, mixup=mixup, cutmix=cutmix)
+            stage = p.PipelineStage(module, self.rank, self.num_stages, self.device)
             cls = p.Schedule1F1B if self.schedule_name == "1f1b" else p.ScheduleGPipe
             # scale_grads: the gradients are the mean over micro-batches, as TorchRunner's loss / grad_accum
             self._schedule = cls(stage, n_microbatches=self.grad_accum, loss_fn=self._loss, scale_grads=True)
-            self._shape = shape
+            self._key = key
+            self._mixing = (mixup, cutmix)
+            self._size = (shape[-2], shape[-1])
         return self._schedule
+
+    def mixing_inputs(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """Mixup coefficients (one per image) and cutmix boxes (one row per micro-batch), drawn on rank 0 in
+        TrainingModel.forward's order (per micro-batch: mixup, then the box) and broadcast to every rank."""
+        tm = self.training_model
+        n, mb = images.shape[0], images.shape[0] // self.grad_accum
+        extras = []
+        if tm.mixup_alpha > 0 or tm.cutmix:
+            coeffs = torch.zeros(n, dtype=torch.float32)
+            boxes = torch.zeros(self.grad_accum, 4, dtype=torch.int64)
+            if self.is_first:
+                for i in range(self.grad_accum):
+                    if tm.mixup_alpha > 0:
+                        coeffs[i * mb:(i + 1) * mb] = tm.sample_mixup(mb)
+                    if tm.cutmix:
+                        boxes[i] = tm.sample_cutmix_box(images.shape[-2], images.shape[-1])
+            if tm.mixup_alpha > 0:
+                extras.append(coeffs.to(self.device))
+            if tm.cutmix:
+                extras.append(boxes.to(self.device))
+            for t in extras:
+                dist.broadcast(t, src=0)
+        return extras
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
         if images.shape[0] % self.grad_accum:
             raise ValueError(f"host batch of {images.shape[0]} is not a multiple of grad_accum {self.grad_accum}")
-        self.training_model.train()
-        schedule = self.schedule(tuple(images.shape))
+        tm = self.training_model
+        tm.train()
+        mixup, cutmix = tm.mixup_alpha > 0, tm.cutmix
+        schedule = self.schedule(tuple(images.shape), mixup, cutmix)
+        extras = self.mixing_inputs(images)
         losses: List[torch.Tensor] = []
         if self.is_first:
-            schedule.step(images.to(self.device, non_blocking=True))
+            schedule.step(images.to(self.device, non_blocking=True), *extras)
         elif self.is_last:
             labels = labels.to(self.device, non_blocking=True)
-            logits = schedule.step(target=labels, losses=losses)
+            # one row per image: label, mixup coefficient, its micro-batch's box (exact in fp64)
+            rows = [labels.double().unsqueeze(1)]
+            if mixup:
+                rows.append(extras[0].double().unsqueeze(1))
+            if cutmix:
+                rows.append(extras[-1].double().repeat_interleave(images.shape[0] // self.grad_accum, 0))
+            logits = schedule.step(target=torch.cat(rows, 1), losses=losses)
         else:
             schedule.step()
         self.optimizer.step()
