@@ -79,6 +79,7 @@ RECIPES = ("native", "halfres", "progressive")
 BACKENDS = ("auto", "torch", "ipu", "pipeline")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 HOST_COLLECTIVES = ("auto", "horovod", "gloo")  # backends/host_collectives.py
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # backend pipeline: torch.distributed.pipelining schedules
 
 DEFAULTS_SOURCE = "<defaults>"
 OVERRIDE_SOURCE = "--set"
@@ -211,6 +212,7 @@ class IpuConfig:
 class DistributedConfig:
     backend: str = option("auto", choices=DIST_BACKENDS)  # torch.distributed under torchrun
     host_collectives: str = option("auto", choices=HOST_COLLECTIVES)  # between poprun instances
+    pipeline_schedule: str = option("1f1b", choices=PIPELINE_SCHEDULES)  # backend pipeline: over grad_accum micro-batches
 
 
 @dataclass

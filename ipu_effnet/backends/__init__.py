@@ -9,8 +9,11 @@ inside `TrainingModel.forward`, so every backend calls the same thing.
 
 Backends: `torch` (CPU/CUDA, DistributedDataParallel under torchrun); `ipu` (poptorch, popdist under
 poprun: ipu_effnet/backends/ipu.py, where the host batch is micro-batch x device iterations x local
-replicas x gradient accumulation, `runner.host_batch`). `pipeline` (torch.distributed.pipelining) is the
-subject of its own issue; asking for it before it exists is a clear error.
+replicas x gradient accumulation, `runner.host_batch`); `pipeline` (torch.distributed.pipelining under
+torchrun, one rank per stage of `ipu.pipeline_splits`, a GPipe or 1F1B schedule over the gradient
+accumulation micro-batches: ipu_effnet/backends/pipeline.py, docs/pipeline.md). A pipeline's ranks all
+read the same host batches (micro-batch x gradient accumulation) and form one pipeline, not data-parallel
+replicas; `runner.sync_weights_to_host()` gives every rank the whole trained model.
 
     runner = prepare(resolve_backend(cfg.backend, log), training_model, optimizer, cfg, log=log)
 """
@@ -43,7 +46,10 @@ def resolve_backend(name: str, log: Optional[Callable[[str], None]] = None) -> s
             raise UsageError(POPTORCH_MISSING)
         return name
     if name == "pipeline":
-        raise UsageError("backend 'pipeline' is not implemented yet (see the pipeline issue); use backend=torch")
+        from ipu_effnet.backends.pipeline import import_pipelining
+
+        import_pipelining()  # UsageError on a torch without it (poptorch's 2.0)
+        return name
     if name != "torch":
         raise UsageError(f"backend = {name!r} is not one of auto, torch, ipu, pipeline")
     return name
@@ -55,6 +61,8 @@ def prepare(backend_name: str, training_model: Any, optimizer: Any, cfg: Any,
     """A runner with `step(images, labels) -> {"loss", "correct", "samples"}` for a resolved backend name.
 
     torch: TorchRunner over `training_model` (wrap it in DDP first if needed) on `device`.
+    pipeline: PipelineRunner for this rank's stage (needs the torchrun process group; the world size
+           must be len(ipu.pipeline_splits) + 1) on `device`.
     ipu:   IpuRunner (poptorch.trainingModel); validates the config first; `num_samples` (training images
            per instance) lets it check that one call's batch fits the data. The loader must then yield
            `runner.host_batch` images per step, sharded over `runner.instances` (rank `runner.instance`).
@@ -67,5 +75,9 @@ def prepare(backend_name: str, training_model: Any, optimizer: Any, cfg: Any,
         from ipu_effnet.backends.ipu import prepare_ipu
 
         return prepare_ipu(training_model, optimizer, cfg, log=log, num_samples=num_samples, phase=phase)
-    resolve_backend(backend_name)  # the error for 'pipeline' or an unknown name
+    if backend_name == "pipeline":
+        from ipu_effnet.backends.pipeline import prepare_pipeline
+
+        return prepare_pipeline(training_model, optimizer, cfg, device=device, log=log)
+    resolve_backend(backend_name)  # the error for an unknown name
     raise UsageError(f"backend = {backend_name!r}: resolve it with resolve_backend first")

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         "resolution": resolution,
         "params": profile.params,
         "gmacs": round(profile.gmacs, 6),
-        "global_batch": cfg.train.micro_batch * cfg.train.grad_accum * cfg.ipu.replicas,
+        # backend pipeline: every rank is a stage of one pipeline, so ipu.replicas does not multiply
+        "global_batch": cfg.train.micro_batch * cfg.train.grad_accum * (1 if cfg.backend == "pipeline" else cfg.ipu.replicas),
     }
     if args.out:
         summary["written"] = str(write_resolved(cfg, args.out, source=args.config, overrides=args.overrides))
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"# {args.config}: OK")
     print(f"# model {summary['model']} ({summary['norm']}), {profile.params:,} params, "
           f"{profile.gmacs:.3f} GMACs at {resolution} px; recipe {cfg.recipe}, backend {cfg.backend}; "
-          f"global batch {summary['global_batch']} (micro-batch x accumulation x replicas)")
+          f"global batch {summary['global_batch']} (micro-batch x accumulation"
+          f"{'' if cfg.backend == 'pipeline' else ' x replicas'})")
     if args.out:
         print(f"# resolved config written to {summary['written']}")
     print(dump(cfg), end="")

@@ -222,6 +222,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         info = init_poprun(cfg, log)
         say = log if info.is_main else (lambda _msg: None)
     shard = (info.rank, info.world_size)  # this process's share of the data
+    if backend == "pipeline":  # every rank is one stage of one pipeline: all read the same batches
+        shard, info = (0, 1), DistInfo(rank=info.rank, world_size=1, local_rank=info.local_rank)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     ckpt = None
@@ -291,12 +293,13 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if ckpt is not None:
         epoch_done, step = restore_checkpoint(ckpt, model, optimizer, averagers)
         start_epoch = int(epoch_done)
-    if backend == "ipu":  # after the restore, so the restored weights are what goes to the device
+    if backend != "torch":  # after the restore, so the restored weights are what goes to the device / stages
         from ipu_effnet.backends import prepare
 
-        info.collectives.broadcast_module(model)  # every instance starts from instance 0's weights
-        runner = prepare("ipu", tm, optimizer, cfg, log=say, num_samples=len(train_set) // shard[1])
-        if ckpt is not None and (ckpt.get("extra") or {}).get("ipu_optimizer") is not None:
+        if backend == "ipu":
+            info.collectives.broadcast_module(model)  # every instance starts from instance 0's weights
+        runner = prepare(backend, tm, optimizer, cfg, log=say, device=device, num_samples=len(train_set) // shard[1])
+        if backend == "ipu" and ckpt is not None and (ckpt.get("extra") or {}).get("ipu_optimizer") is not None:
             runner.load_optimizer_state(ckpt["extra"]["ipu_optimizer"])
     else:
         runner = TorchRunner(net, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
@@ -347,7 +350,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             out = runner.step(images, labels)
             step += 1
             if ema is not None:
-                if backend == "ipu":  # a per-step EMA needs the weights on the host every step (slow)
+                if backend != "torch":  # a per-step EMA needs the whole model on the host every step (slow)
                     runner.sync_weights_to_host()
                 ema.update(model)
             now = time.perf_counter()
@@ -366,7 +369,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                                "loss": out["loss"], "top1": out["correct"] / out["samples"],
                                "images_per_sec": ips})
         bar.close()
-        if backend == "ipu":
+        if backend != "torch":  # IPU: weights to the host; pipeline: every stage's weights to every rank
             runner.sync_weights_to_host()
         averager.update(model)
         sums = all_reduce_sum(epoch_sums, info)

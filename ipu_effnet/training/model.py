@@ -57,6 +57,7 @@ __all__ = [
     "TrainingModel",
     "cutmix_mask",
     "mix_batch",
+    "mix_targets",
     "mixed_cross_entropy",
 ]
 
@@ -83,24 +84,35 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, mixup_coeffs: Optional
               ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Mix a float N x C x H x W batch. Returns (images, targets, weights): the loss of sample i is
     sum_j weights[j][i] * CE(targets[j][i]); the weights of a sample sum to one."""
-    targets = [labels]
-    weights = [torch.ones(labels.shape[0], dtype=torch.float32, device=images.device)]
+    height, width = images.shape[-2], images.shape[-1]
     if mixup_coeffs is not None:
-        m = mixup_coeffs.to(device=images.device, dtype=torch.float32)
-        m_img = m.to(images.dtype).view(-1, 1, 1, 1)
+        m_img = mixup_coeffs.to(device=images.device, dtype=torch.float32).to(images.dtype).view(-1, 1, 1, 1)
         images = m_img * images + (1.0 - m_img) * torch.roll(images, 1, 0)
+    if cutmix_box is not None:
+        mask = cutmix_mask(height, width, cutmix_box, device=images.device)
+        images = torch.where(mask, torch.roll(images, 2, 0), images)
+    targets, weights = mix_targets(labels, height, width, mixup_coeffs, cutmix_box)
+    return images, targets, weights
+
+
+def mix_targets(labels: torch.Tensor, height: int, width: int, mixup_coeffs: Optional[torch.Tensor] = None,
+                cutmix_box: Optional[torch.Tensor] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The (targets, weights) half of `mix_batch`, from the labels, the image size and the coefficients
+    alone (the pipeline backend computes the loss on a stage that never sees the mixed images)."""
+    targets = [labels]
+    weights = [torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)]
+    if mixup_coeffs is not None:
+        m = mixup_coeffs.to(device=labels.device, dtype=torch.float32)
         targets = [labels, torch.roll(labels, 1, 0)]
         weights = [m, 1.0 - m]
     if cutmix_box is not None:
-        height, width = images.shape[-2], images.shape[-1]
-        mask = cutmix_mask(height, width, cutmix_box, device=images.device)
+        mask = cutmix_mask(height, width, cutmix_box, device=labels.device)
         # c: the share of each image that is still its own, from the box actually pasted
         c = 1.0 - mask.to(torch.float32).mean()
-        images = torch.where(mask, torch.roll(images, 2, 0), images)
         # the pasted pixels come from the (possibly mixed) sample i - 2 with its own targets and weights
         targets = targets + [torch.roll(t, 2, 0) for t in targets]
         weights = [w * c for w in weights] + [torch.roll(w, 2, 0) * (1.0 - c) for w in weights]
-    return images, targets, weights
+    return targets, weights
 
 
 def mixed_cross_entropy(logits: torch.Tensor, targets: Sequence[torch.Tensor],
