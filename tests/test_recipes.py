@@ -79,3 +79,12 @@ def test_progressive_recipe_runs_its_stages(tmp_path):
     assert summary["steps"] == 3 * 2
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2, 3]
+
+
+def test_only_the_main_process_speaks_for_a_recipe(monkeypatch):
+    from ipu_effnet.training.recipes import is_main_process
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "1")  # torchrun's second rank
+    assert not is_main_process()

@@ -184,15 +184,32 @@ def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: b
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         before = evaluate(model.to(device), loader, device, ft_cfg.train.precision)["top1"]
         model.cpu()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(before_path, {"val_top1": before, "resolution": res, "averaged": averaged})
+        if is_main_process():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(before_path, {"val_top1": before, "resolution": res, "averaged": averaged})
     phase = PhaseOptions(name="finetune", model=model, freeze=True, first_trainable=ft_cfg.finetune.first_trainable,
                          eval_preprocessing=True)
     summary = train(ft_cfg, run_dir, resume=resume, log=log, phase=phase)
     if before is not None:
         summary["val_top1_before_finetune"] = before
-        _write_json(run_dir / "summary.json", summary)
+        if is_main_process():
+            _write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _silent(_msg: str) -> None:
+    return None
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun and instance 0 under poprun: the process that logs and writes run files."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    if any(key.startswith("POPDIST_") for key in os.environ):
+        from ipu_effnet.backends.ipu import poprun_instance
+
+        return poprun_instance()[0] == 0
+    return True
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
@@ -226,19 +243,23 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
     run_dir = Path(run_dir)
     if cfg.recipe == "native":
         return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log, phase=PhaseOptions())
+    main_process = is_main_process()
+    if not main_process:  # the phases still run on every process; one of them speaks and writes
+        log = _silent
     if cfg.recipe == "progressive":
         stages = progressive_from_config(cfg)
         resume = resume and latest_checkpoint(run_dir) is not None
         summary = train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log,
                         phase=PhaseOptions(name="progressive", stages=stages))
         summary["stage_resolutions"] = [s.resolution for s in stages]
-        _write_json(run_dir / "summary.json", summary)
+        if main_process:
+            _write_json(run_dir / "summary.json", summary)
         return summary
     if cfg.recipe != "halfres":
         raise UsageError(f"recipe = {cfg.recipe!r} is not one of 'native', 'halfres', 'progressive'")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and main_process:
         write_resolved(cfg, run_dir, source=source, overrides=overrides)
         (run_dir / "summary.json").unlink(missing_ok=True)
     train_dir, ft_dir = run_dir / "train", run_dir / "finetune"
@@ -271,10 +292,11 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
         "first_trainable": ft["first_trainable"],
         "trainable_params": ft["trainable_params"],
         "wall_seconds": main["wall_seconds"] + ft["wall_seconds"],
-        "checkpoint": _link_final(ft["checkpoint"], run_dir) if ft.get("checkpoint") else None,
+        "checkpoint": _link_final(ft["checkpoint"], run_dir) if ft.get("checkpoint") and main_process else None,
         "phases": {"train": main, "finetune": ft},
     })
-    _write_json(run_dir / "summary.json", summary)
+    if main_process:
+        _write_json(run_dir / "summary.json", summary)
     before = summary["val_top1_before_finetune"]
     log(f"halfres done: top-1 {summary['val_top1']:.2%} at {summary['finetune_resolution']} px after fine-tuning"
         + (f" ({before:.2%} before)" if before is not None else ""))
