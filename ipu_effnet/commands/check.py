@@ -67,7 +67,9 @@ def resolve(config_path: str, overrides: Sequence[str]):
         "ipu.recompute": list(cfg.ipu.recompute),
         "finetune.first_trainable": [cfg.finetune.first_trainable] if cfg.finetune.first_trainable else [],
     }
-    check_module_paths(model, paths, source=config_path)
+    for key, names in paths.items():  # named by where the value came from: --set, or the recipe file
+        set_here = any(str(o).partition("=")[0].strip() == key for o in overrides)
+        check_module_paths(model, {key: names}, source="--set" if set_here else config_path)
     resolution = cfg.model.resolution or model.train_resolution
     return cfg, model, resolution
 

@@ -65,6 +65,7 @@ def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
 
     existed = run_dir.exists()
     try:
+        faults.preflight(run_dir, 0)  # writable at all: before any data is read or model built
         with faults.StopOnSignals():
             run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides)
     except faults.Preempted as stop:
