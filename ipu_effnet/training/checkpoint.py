@@ -17,8 +17,8 @@ SDK's) as on current torch, and loading never runs code from the file:
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and fsync'ed,
 then renamed over the final name with `os.replace`, and the directory is fsync'ed; a crash at any point
-leaves either the previous file or the new one, never half of one (a leftover `.tmp-*` file is
-ignored by name). Files are named
+leaves either the previous file or the new one, never half of one (a `.tmp-*` file left by a killed
+writer is ignored by name, and removed by the next successful save). Files are named
 `ckpt-e<epoch>-s<step>.pt`; `latest_checkpoint` picks the newest one that is a complete archive, and
 `save_checkpoint(..., keep=N)` deletes all but the N newest. A truncated or corrupt file, or one that
 weights_only loading refuses, raises `CheckpointError` (a ValueError) naming the file; a refused one
@@ -237,6 +237,9 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], keep: Optional[int
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(_TMP_PREFIX + "ckpt-*"):  # left by a writer killed mid-write (SIGKILL)
+        with contextlib.suppress(OSError):
+            stale.unlink()
     if keep is not None and keep > 0:
         prune_checkpoints(path.parent, keep)
     return path

@@ -297,10 +297,10 @@ def mid_epoch_extra(epoch_step: int, epoch_sums: Mapping[str, float], train_time
 # Data
 
 
-def check_data(dataset: Any, say: Callable[[str], None] = print) -> int:
-    """Between epochs: name the images found unreadable since the last call and stop (DataError) when
-    more than data.max_corrupt_fraction of the split is; returns the count. Datasets without
-    `unreadable` (generated, digits) have none."""
+def check_data(dataset: Any, say: Callable[[str], None] = print, stop: bool = True) -> int:
+    """Between epochs: name the images found unreadable since the last call and, with `stop`, raise
+    DataError when more than data.max_corrupt_fraction of the split is; returns the count. Datasets
+    without `unreadable` (generated, digits) have none."""
     unreadable = getattr(dataset, "unreadable", None)
     if unreadable is None:
         return 0
@@ -308,5 +308,6 @@ def check_data(dataset: Any, say: Callable[[str], None] = print) -> int:
     news = unreadable.news()
     if news:
         say(f"warning: {news}")
-    unreadable.check()
+    if stop:
+        unreadable.check()
     return count

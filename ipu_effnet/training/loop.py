@@ -376,9 +376,10 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         if backend == "ipu":
             runner.sync_weights_to_host()
         averager.update(model)
-        faults.check_data(train_loader.dataset, say)  # unreadable images so far: named, and counted
         sums = all_reduce_sum(epoch_sums, info)
         val = run_eval()
+        for dataset in (train_loader.dataset, val_set):  # unreadable images so far: named, counted, limited
+            faults.check_data(dataset, say)
         n = max(sums["samples"], 1.0)
         record = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n,
                   "train_top1": sums["correct"] / n, "val_top1": val["top1"], "val_top5": val["top5"],
@@ -423,7 +424,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "trainable_params": trainable,
         "first_trainable": first_trainable,
         "checkpoint": str(last_checkpoint) if last_checkpoint is not None else None,
-        "unreadable_images": faults.check_data(train_loader.dataset, say) + faults.check_data(val_set, say),
+        "unreadable_images": sum(faults.check_data(d, say, stop=False) for d in (train_loader.dataset, val_set)),
         "skipped_steps": bad_steps.skipped,
     }
     if info.is_main:
