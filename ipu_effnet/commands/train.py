@@ -18,6 +18,7 @@ good checkpoint (`training/faults.py`).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ipu_effnet.commands.check import add_config_arguments, resolve
@@ -69,9 +70,10 @@ def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
         with faults.StopOnSignals():
             run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides)
     except faults.Preempted as stop:
-        where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint"
-        print(f"stopped by {stop.signal_name} at step {stop.step}; {where}; resume with: "
-              f"python -m ipu_effnet train --resume {run_dir}", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 wrote the checkpoint
+            where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint"
+            print(f"stopped by {stop.signal_name} at step {stop.step}; {where}; resume with: "
+                  f"python -m ipu_effnet train --resume {run_dir}", flush=True)
         return 0
     except UsageError:
         faults.remove_failed_run_dir(run_dir, existed)  # a bad config or data set leaves nothing behind
