@@ -282,9 +282,6 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if ckpt is not None:
         epoch_done, step = restore_checkpoint(ckpt, model, optimizer, averagers)
         start_epoch = int(epoch_done)
-    resume_at = faults.mid_epoch(ckpt)  # a pre-emption checkpoint's position inside its epoch
-    if info.is_main:  # before any step: the run directory takes a checkpoint
-        faults.preflight(run_dir / CHECKPOINT_DIR, faults.checkpoint_bytes(model, len(averagers)))
     if backend == "ipu":  # after the restore, so the restored weights are what goes to the device
         from ipu_effnet.backends import prepare
 
@@ -312,6 +309,9 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     val: Dict[str, float] = {}
     current: Optional[Stage] = None
     last_checkpoint: Optional[Path] = resumed_from
+    if info.is_main:  # before any step: the run directory takes a checkpoint
+        faults.preflight(run_dir / CHECKPOINT_DIR, faults.checkpoint_bytes(model, len(averagers)))
+    resume_at = faults.mid_epoch(ckpt)  # a pre-emption checkpoint's position inside its epoch
     bad_steps = faults.BadSteps(cfg.train.max_bad_steps, tolerant=getattr(runner, "scaler", None) is not None,
                                 precision=cfg.train.precision)
     train_time, train_images = resume_at.train_time, resume_at.train_images
