@@ -7,7 +7,8 @@ Each command lives in its own module under `ipu_effnet/commands/` with two funct
 
 Commands import their heavy dependencies (torch, models) inside `run`, so `--help` and config errors
 answer in well under a second. Any `UsageError` (a bad config, path, model name or option, found before
-heavy work starts) is printed as one line on stderr and the command exits with status 2.
+heavy work starts) is printed as one line on stderr and the command exits with status 2; a `RunError`
+(a run stopped by a fault: a non-finite loss, a checkpoint that cannot be written) likewise, status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from ipu_effnet.errors import UsageError
+from ipu_effnet.errors import RunError, UsageError
 
 # (name, module, one-line help). Order is the order `--help` shows.
 COMMANDS: List[Tuple[str, str, str]] = [
@@ -65,6 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

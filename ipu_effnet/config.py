@@ -145,6 +145,8 @@ class DataConfig:
     workers: int = option(4, ge=0)
     num_train: Optional[int] = option(None, ge=1)  # generated data: images per epoch (None: the default)
     num_val: Optional[int] = option(None, ge=1)
+    max_corrupt_fraction: float = option(0.01, ge=0, le=1)  # unreadable images skipped and counted; more stops the run
+    verify_images: bool = True  # imagenet: open every file's header when scanning (empty/non-image files found up front)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class TrainConfig:
     ema_decay: Optional[float] = option(None, ge=0, lt=1)  # set: also a per-step EMA of the weights
     checkpoint_every: int = option(1, ge=1)  # epochs
     keep_checkpoints: int = option(3, ge=1)  # newest checkpoints kept in the run directory
+    max_bad_steps: int = option(20, ge=1)  # consecutive non-finite steps fp16 loss scaling may skip before the run stops
     randaugment_magnitude: Optional[float] = option(None, ge=0)  # automl's scale (10: classic max); None/0: off
     randaugment_ops: int = option(2, ge=1)  # RandAugment operations per image
     progressive_stages: int = option(4, ge=1)  # recipe progressive: M stages (EfficientNetV2 Algorithm 1)
@@ -687,10 +690,51 @@ def _check_config(cfg: Config, where: _Origins) -> None:
         if len(value) not in (0, 2):
             raise ConfigError(f"{where('train.' + key)}: train.{key} = {value!r} needs two values, "
                               f"[start, end] (or [] for the default)")
+    _check_batch_mixing(cfg, where)
+    _check_halfres_sizes(cfg, where)
     amp = ipu.available_memory_proportion
     if len(amp) not in (1, ipu.ipus_per_replica):
         raise ConfigError(f"{where('ipu.available_memory_proportion')}: ipu.available_memory_proportion = "
                           f"{amp!r} needs one value, or one per IPU ({ipu.ipus_per_replica})")
+
+
+def _check_batch_mixing(cfg: Config, where: _Origins) -> None:
+    """Mixup pairs sample i with i - 1 of its micro-batch and cutmix with i - 2 (the batch rolled by one
+    and by two): with fewer samples the partner is the sample itself and the augmentation silently
+    does nothing."""
+    t = cfg.train
+    mixup = t.mixup_alpha > 0 or any(v > 0 for v in t.progressive_mixup)
+    need = 3 if t.cutmix else 2 if mixup else 1
+    if t.micro_batch < need:
+        what = "mixup + cutmix" if (mixup and t.cutmix) else "cutmix" if t.cutmix else "mixup"
+        partner = "two" if t.cutmix else "one"
+        raise ConfigError(f"{where('train.micro_batch')}: train.micro_batch = {t.micro_batch} is too small for "
+                          f"{what} (the partner of each sample is the micro-batch rolled by {partner}); expected "
+                          f"train.micro_batch >= {need}, or turn {what} off")
+
+
+def _check_halfres_sizes(cfg: Config, where: _Origins) -> None:
+    """The half-resolution recipe trains at S and fine-tunes at S' with S % 32 == S' % 32 (the network's
+    total stride is 32: the last feature maps are then cropped and padded alike at both sizes). Checked
+    where model.resolution is set; other pairs are for `train` (native) followed by `finetune --res`."""
+    if cfg.recipe != "halfres" or cfg.model.resolution is None:
+        return
+    train_res = cfg.model.resolution
+    ft_res = cfg.finetune.resolution
+    if ft_res is None:
+        try:
+            from ipu_effnet.models import native_resolution
+
+            ft_res = native_resolution(cfg.model.name)
+        except (ImportError, KeyError, ValueError):
+            return
+    if (train_res - ft_res) % 32:
+        below = train_res - (train_res - ft_res) % 32
+        options = [r for r in (below, below + 32) if r >= 8]
+        raise ConfigError(f"{where('model.resolution')}: model.resolution = {train_res} with recipe halfres and a "
+                          f"fine-tune at {ft_res} px: expected a training size with the same remainder modulo 32 "
+                          f"({ft_res % 32}), e.g. {' or '.join(map(str, options))}; for other pairs train with "
+                          f"recipe native and fine-tune with the finetune command")
 
 
 def _known_models() -> Optional[List[str]]:

@@ -55,16 +55,16 @@ def test_native_recipe_is_train(tmp_path):
 
 def test_halfres_recipe_trains_fine_tunes_and_does_not_redo_phases(tmp_path):
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml",
-               TINY + ["recipe=halfres", "model.resolution=32", "finetune.resolution=48", "finetune.epochs=1"])
+               TINY + ["recipe=halfres", "model.resolution=32", "finetune.resolution=64", "finetune.epochs=1"])
     summary = run_recipe(cfg, tmp_path, **QUIET)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert (summary["resolution"], summary["finetune_resolution"], summary["eval_resolution"]) == (32, 48, 48)
+    assert (summary["resolution"], summary["finetune_resolution"], summary["eval_resolution"]) == (32, 64, 64)
     for key in ("val_top1", "val_top5", "val_loss", "val_top1_averaged", "train_images_per_sec", "params",
                 "val_top1_before_finetune", "finetune_images_per_sec"):
         assert summary[key] is not None, key
     assert set(summary["phases"]) == {"train", "finetune"}
     assert summary["val_top1"] == summary["phases"]["finetune"]["val_top1"]
-    assert load_checkpoint(latest_checkpoint(tmp_path))["config"]["model"]["resolution"] == 48
+    assert load_checkpoint(latest_checkpoint(tmp_path))["config"]["model"]["resolution"] == 64
     ft_ckpts = sorted((tmp_path / "finetune" / "checkpoints").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in ft_ckpts]
     again = run_recipe(cfg, tmp_path, resume=True, **QUIET)  # both phases complete: nothing is redone

@@ -5,12 +5,18 @@ and under a null context otherwise, so fp32 and mixed precision share every line
 torchvision's reference script, which once stepped the optimiser twice through separate branches).
 Gradient accumulation splits the host batch into micro-batches; under DDP only the last micro-batch
 synchronises gradients.
+
+Non-finite steps are never applied. With fp16 the GradScaler skips a step whose gradients overflow and
+lowers its scale (`skipped`, `scale` in the step's result); otherwise a step with a non-finite loss
+(under DDP: non-finite all-reduced gradients, the same on every rank) is not applied either. What the
+run then does is `training/faults.py`'s policy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -54,7 +60,7 @@ class TorchRunner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Union[float, bool]]:
         if images.shape[0] % self.grad_accum:
             raise ValueError(f"host batch of {images.shape[0]} is not a multiple of grad_accum {self.grad_accum}")
         self.model.train()
@@ -74,11 +80,26 @@ class TorchRunner:
                 scaled.backward()
             loss_sum += float(loss.detach()) * x.shape[0]
             correct += int((logits.detach().argmax(1) == y).sum())
+        out: Dict[str, Union[float, bool]] = {}
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            scale = float(self.scaler.get_scale())
+            self.scaler.step(self.optimizer)  # skipped by the scaler itself when a gradient is inf or NaN
             self.scaler.update()
+            out["scale"] = float(self.scaler.get_scale())
+            skipped = out["scale"] < scale  # update() lowers the scale exactly when the step was skipped
         else:
-            self.optimizer.step()
+            skipped = not _grads_finite(self.optimizer) if self.ddp else not math.isfinite(loss_sum)
+            if not skipped:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         n = images.shape[0]
-        return {"loss": loss_sum / n, "correct": correct, "samples": n}
+        out.update({"loss": loss_sum / n, "correct": correct, "samples": n, "skipped": bool(skipped)})
+        return out
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())

@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
 
-def check_module_paths(model, paths: Dict[str, Sequence[str]]) -> None:
-    """Every path named under a config key must be a module of the built model."""
+def check_module_paths(model, paths: Dict[str, Sequence[str]], source: str = "") -> None:
+    """Every path named under a config key must be a module of the built model; `source`: the file
+    (or --set) the error names first."""
     valid = [name for name, _ in model.named_modules() if name]
     known = set(valid)
     for key, names in paths.items():
@@ -40,7 +41,8 @@ def check_module_paths(model, paths: Dict[str, Sequence[str]]) -> None:
             if name not in known:
                 close = difflib.get_close_matches(name, valid, n=3)
                 hint = f"; closest: {', '.join(close)}" if close else "; see `python -m ipu_effnet info --model NAME --modules`"
-                raise UsageError(f"{key}: {name!r} names no module of the model{hint}")
+                prefix = f"{source}: " if source else ""
+                raise UsageError(f"{prefix}{key} = {name!r} names no module of the model{hint}")
 
 
 def resolve(config_path: str, overrides: Sequence[str]):
@@ -56,13 +58,18 @@ def resolve(config_path: str, overrides: Sequence[str]):
         with torch.device("meta"):
             model = create_model(name, **kwargs)
     except ValueError as exc:
-        raise UsageError(f"{config_path}: model {name!r}: {exc}") from None
+        key = ""
+        if "group_size" in str(exc) and cfg.model.group_size is not None:
+            key = f"model.group_size = {cfg.model.group_size}: "  # the key to change, named first
+        raise UsageError(f"{config_path}: {key}model {name!r}: {exc}") from None
     paths: Dict[str, List[str]] = {
         "ipu.pipeline_splits": list(cfg.ipu.pipeline_splits),
         "ipu.recompute": list(cfg.ipu.recompute),
         "finetune.first_trainable": [cfg.finetune.first_trainable] if cfg.finetune.first_trainable else [],
     }
-    check_module_paths(model, paths)
+    for key, names in paths.items():  # named by where the value came from: --set, or the recipe file
+        set_here = any(str(o).partition("=")[0].strip() == key for o in overrides)
+        check_module_paths(model, {key: names}, source="--set" if set_here else config_path)
     resolution = cfg.model.resolution or model.train_resolution
     return cfg, model, resolution
 

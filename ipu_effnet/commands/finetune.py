@@ -8,7 +8,8 @@ The checkpoint rebuilds its own network (with its weights, or its per-epoch weig
 defaults. Evaluation preprocessing at R, the modules before PATH frozen (norms in eval mode), SGD
 without momentum, cosine decay per step; see `training/recipes.py`. The output directory (default:
 <run dir>/finetune-<R>) holds config.yaml, metrics.jsonl, summary.json and checkpoints/; rerunning the
-command on an interrupted one resumes it.
+command on an interrupted one resumes it; SIGTERM or SIGINT checkpoints at the next step and exits 0
+(`training/faults.py`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / f"finetune-{args.res}"
     if (out / "summary.json").is_file():
         raise UsageError(f"{out} already holds a finished fine-tune (summary.json); choose another --out")
-    summary = finetune_phase(cfg, ckpt, out, averaged=args.averaged, resolution=args.res, epochs=args.epochs,
-                             lr=args.lr, first_trainable=args.first_trainable)
+    from ipu_effnet.training import faults
+
+    try:
+        with faults.StopOnSignals():  # SIGTERM/SIGINT: a checkpoint at the next step, then exit 0
+            summary = finetune_phase(cfg, ckpt, out, averaged=args.averaged, resolution=args.res,
+                                     epochs=args.epochs, lr=args.lr, first_trainable=args.first_trainable)
+    except faults.Preempted as stop:
+        print(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint {stop.checkpoint}; resume by running "
+              f"the same finetune command again (it continues in {out})", flush=True)
+        return 0
     print(f"fine-tuned at {args.res} px: top-1 {summary['val_top1']:.2%} (before {summary.get('val_top1_before_finetune')}); "
           f"{out / 'summary.json'}")
     return 0

@@ -8,11 +8,17 @@ The run directory (default: logging.out_dir / the recipe's name) receives config
 metrics.jsonl, summary.json and checkpoints/; the recipe (native | halfres | progressive) runs in phases
 (`training/recipes.py`): halfres puts its phases in train/ and finetune/, and --resume skips completed
 phases and resumes an interrupted one.
+
+Faults: a config or data error exits with status 2 and removes the run directory it created; a SIGTERM
+or SIGINT writes a checkpoint at the next step boundary and exits 0 with the command that resumes it (a
+second signal stops at once); a run stopped by a non-finite loss or a full disk exits 1 naming its last
+good checkpoint (`training/faults.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ipu_effnet.commands.check import add_config_arguments, resolve
@@ -34,7 +40,6 @@ def run_dir_for(cfg, config_path: str, out: str = None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.config import load
-    from ipu_effnet.training.recipes import run_recipe
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -44,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             raise UsageError("--resume takes the config from the run directory; drop --config")
         cfg = load(resolved, args.overrides)
-        run_recipe(cfg, run_dir, resume=True, source=str(resolved), overrides=args.overrides)
-        return 0
+        return _run(cfg, run_dir, resume=True, source=str(resolved), overrides=args.overrides)
     if not args.config:
         raise UsageError("train needs --config FILE (or --resume DIR)")
     cfg, _, _ = resolve(args.config, args.overrides)  # validates model, module paths before any work
@@ -53,5 +57,25 @@ def run(args: argparse.Namespace) -> int:
     if any(d.is_dir() and any(d.iterdir()) for d in (run_dir / "checkpoints", *run_dir.glob("*/checkpoints"))):
         raise UsageError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
                          "or choose another --out")
-    run_recipe(cfg, run_dir, source=args.config, overrides=args.overrides)
+    return _run(cfg, run_dir, resume=False, source=args.config, overrides=args.overrides)
+
+
+def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
+    from ipu_effnet.training import faults
+    from ipu_effnet.training.recipes import run_recipe
+
+    existed = run_dir.exists()
+    try:
+        faults.preflight(run_dir, 0)  # writable at all: before any data is read or model built
+        with faults.StopOnSignals():
+            run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides)
+    except faults.Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 wrote the checkpoint
+            where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint"
+            print(f"stopped by {stop.signal_name} at step {stop.step}; {where}; resume with: "
+                  f"python -m ipu_effnet train --resume {run_dir}", flush=True)
+        return 0
+    except UsageError:
+        faults.remove_failed_run_dir(run_dir, existed)  # a bad config or data set leaves nothing behind
+        raise
     return 0

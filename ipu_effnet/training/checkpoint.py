@@ -17,10 +17,12 @@ SDK's) as on current torch, and loading never runs code from the file:
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and fsync'ed,
 then renamed over the final name with `os.replace`, and the directory is fsync'ed; a crash at any point
-leaves either the previous file or the new one, never half of one. Files are named
+leaves either the previous file or the new one, never half of one (a `.tmp-*` file left by a killed
+writer is ignored by name, and removed by the next successful save). Files are named
 `ckpt-e<epoch>-s<step>.pt`; `latest_checkpoint` picks the newest one that is a complete archive, and
 `save_checkpoint(..., keep=N)` deletes all but the N newest. A truncated or corrupt file, or one that
-weights_only loading refuses, raises `CheckpointError` (a ValueError) naming the file.
+weights_only loading refuses, raises `CheckpointError` (a ValueError) naming the file; a refused one
+raises its subclass `UnsafeCheckpointError`, and nothing in it is run.
 
     state = make_checkpoint(net, optimizer, epoch=3, step=1200, averagers={"epoch": avg}, config=cfg.to_dict())
     save_checkpoint(run_dir / "checkpoints" / checkpoint_name(3, 1200), state, keep=3)
@@ -54,6 +56,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "UnsafeCheckpointError",
     "checkpoint_name",
     "get_rng_state",
     "latest_checkpoint",
@@ -80,6 +83,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class CheckpointError(UsageError):
     """A checkpoint file that cannot be used: missing, truncated, corrupt, or not plain data."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds more than plain data (pickled objects, possibly code): never loaded, and
+    a resume does not fall back past it silently."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,13 +237,16 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], keep: Optional[int
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(_TMP_PREFIX + "ckpt-*"):  # left by a writer killed mid-write (SIGKILL)
+        with contextlib.suppress(OSError):
+            stale.unlink()
     if keep is not None and keep > 0:
         prune_checkpoints(path.parent, keep)
     return path
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint with weights_only=True (where torch has the argument: 1.13 and later).
+    """Load a checkpoint with weights_only=True (torch 1.13 and later; without it nothing is loaded).
     Missing, truncated, corrupt (a CRC mismatch included) or non-plain files raise CheckpointError."""
     path = Path(path)
     if not path.is_file():
@@ -243,17 +254,18 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     problem = _archive_problem(path)
     if problem is not None:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({problem})")
-    kwargs: Dict[str, Any] = {"map_location": map_location}
-    if _HAS_WEIGHTS_ONLY:
-        kwargs["weights_only"] = True
+    if not _HAS_WEIGHTS_ONLY:  # loading without it would run whatever code the file carries
+        raise UnsafeCheckpointError(f"{path}: torch {torch.__version__} has no weights_only loading, and this "
+                                    "code does not unpickle files without it; use torch >= 1.13")
+    kwargs: Dict[str, Any] = {"map_location": map_location, "weights_only": True}
     try:
         state = torch.load(path, **kwargs)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
         detail = _first_line(named[0] if named else exc)
-        raise CheckpointError(f"{path}: refused by weights_only loading: it holds objects other than "
-                              f"tensors and plain data ({detail})") from None
+        raise UnsafeCheckpointError(f"{path}: refused by weights_only loading: it holds objects other than "
+                                    f"tensors and plain data ({detail}); nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

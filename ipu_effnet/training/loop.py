@@ -16,10 +16,15 @@ batches of micro-batch x accumulation images per rank. Checkpoints are written a
 `train.checkpoint_every` epochs and at the last), by rank 0 only; a resumed run restores the model,
 optimiser, averager and RNG states and continues with the next epoch, and on CPU reproduces the
 uninterrupted run exactly (the data order and augmentation are functions of the seed and the epoch).
+Faults (`training/faults.py`): a SIGTERM/SIGINT checkpoints at the next step boundary, with the position
+inside the epoch (the resumed run replays the loader past the steps done, so it continues exactly); a
+non-finite step stops the run unless fp16 loss scaling absorbs it; the run directory is write-tested
+before the first step; unreadable images are reported and counted between epochs.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -40,15 +45,13 @@ from ipu_effnet.data import create_dataset, create_loader
 from ipu_effnet.data.randaugment import RandAugment
 from ipu_effnet.errors import UsageError
 from ipu_effnet.models import create_model, native_resolution
+from ipu_effnet.training import faults
 from ipu_effnet.training.averaging import WeightAverager
 from ipu_effnet.training.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_name,
-    latest_checkpoint,
-    load_checkpoint,
     make_checkpoint,
     restore_checkpoint,
-    save_checkpoint,
 )
 from ipu_effnet.training.freeze import default_first_trainable, freeze_before
 from ipu_effnet.training.model import TrainingModel
@@ -227,12 +230,10 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     ckpt = None
-    if resume:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise UsageError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
-        ckpt = load_checkpoint(path)
-        say(f"resuming from {path}")
+    resumed_from: Optional[Path] = None
+    if resume:  # the newest checkpoint that loads: a truncated newest one is reported and skipped
+        resumed_from, ckpt = faults.load_resume(run_dir, say)
+        say(f"resuming from {resumed_from}")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -320,12 +321,16 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main)
     log_every = max(1, cfg.logging.log_every)
-    train_time = 0.0
-    train_images = 0
     wall_start = time.perf_counter()
     val: Dict[str, float] = {}
     current: Optional[Stage] = None
-    last_checkpoint: Optional[Path] = latest_checkpoint(run_dir) if resume else None
+    last_checkpoint: Optional[Path] = resumed_from
+    if info.is_main:  # before any step: the run directory takes a checkpoint
+        faults.preflight(run_dir / CHECKPOINT_DIR, faults.checkpoint_bytes(model, len(averagers)))
+    resume_at = faults.mid_epoch(ckpt)  # a pre-emption checkpoint's position inside its epoch
+    bad_steps = faults.BadSteps(cfg.train.max_bad_steps, tolerant=getattr(runner, "scaler", None) is not None,
+                                precision=cfg.train.precision)
+    train_time, train_images = resume_at.train_time, resume_at.train_images
     for epoch in range(start_epoch, num_epochs):
         stage = stages[stage_index(epoch, num_epochs, len(stages))]
         if stage is not current:  # progressive resizing: new resolution and regularisation
@@ -340,15 +345,18 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         train_loader.set_epoch(epoch)
         bar = _progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{num_epochs}",
                         cfg.logging.progress and info.is_main)
-        epoch_sums = {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+        done = resume_at.epoch_step if epoch == start_epoch else 0  # steps of this epoch done before a stop
+        epoch_sums = dict(resume_at.epoch_sums) if done else {"loss": 0.0, "correct": 0.0, "samples": 0.0}
         tick = time.perf_counter()
-        for images, labels in train_loader:
+        for images, labels in itertools.islice(train_loader, done, None):
             if step >= total_steps:
                 break
             lr = schedule.at_step(step, steps_per_epoch)
             set_lr(optimizer, lr)
             out = runner.step(images, labels)
             step += 1
+            done += 1
+            bad_steps.observe(out, step, last_checkpoint)
             if ema is not None:
                 if backend != "torch":  # a per-step EMA needs the whole model on the host every step (slow)
                     runner.sync_weights_to_host()
@@ -368,12 +376,28 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                 metrics.write({"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": lr,
                                "loss": out["loss"], "top1": out["correct"] / out["samples"],
                                "images_per_sec": ips})
+            stop = faults.stop_requested(info.world_size, device)
+            if stop:  # pre-emption: a checkpoint at this step that --resume continues from exactly
+                bar.close()
+                if backend != "torch":
+                    runner.sync_weights_to_host()
+                if info.is_main:
+                    extra = faults.mid_epoch_extra(done, epoch_sums, train_time, train_images)
+                    if backend == "ipu":
+                        extra["ipu_optimizer"] = runner.optimizer_state()
+                    state = make_checkpoint(model, optimizer, epoch=epoch, step=step, averagers=averagers,
+                                            config=cfg.to_dict(), extra=extra)
+                    last_checkpoint = faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step),
+                                                          state, cfg.train.keep_checkpoints, last_checkpoint)
+                raise faults.Preempted(stop, step, last_checkpoint)
         bar.close()
         if backend != "torch":  # IPU: weights to the host; pipeline: every stage's weights to every rank
             runner.sync_weights_to_host()
         averager.update(model)
         sums = all_reduce_sum(epoch_sums, info)
         val = run_eval()
+        for dataset in (train_loader.dataset, val_set):  # unreadable images so far: named, counted, limited
+            faults.check_data(dataset, say)
         n = max(sums["samples"], 1.0)
         record = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n,
                   "train_top1": sums["correct"] / n, "val_top1": val["top1"], "val_top5": val["top5"],
@@ -386,8 +410,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             extra = {"ipu_optimizer": runner.optimizer_state()} if backend == "ipu" else None
             state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers=averagers,
                                     config=cfg.to_dict(), extra=extra)
-            last_checkpoint = save_checkpoint(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch + 1, step), state,
-                                              keep=cfg.train.keep_checkpoints)
+            last_checkpoint = faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch + 1, step), state,
+                                                  cfg.train.keep_checkpoints, last_checkpoint)
 
     if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
         val = run_eval()
@@ -420,6 +444,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "trainable_params": trainable,
         "first_trainable": first_trainable,
         "checkpoint": str(last_checkpoint) if last_checkpoint is not None else None,
+        "unreadable_images": sum(faults.check_data(d, say, stop=False) for d in (train_loader.dataset, val_set)),
+        "skipped_steps": bad_steps.skipped,
     }
     if info.is_main:
         with open(run_dir / "summary.json", "w", encoding="utf-8") as f:
