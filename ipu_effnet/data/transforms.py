@@ -54,10 +54,13 @@ _DRAFT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg's DCT scaling offers
 
 def to_uint8_tensor(img: Any) -> torch.Tensor:
     """A PIL image or H x W (x C) uint8 array -> a contiguous uint8 C x H x W tensor."""
-    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # H x W x C -> C x H x W
+    # H x W x C -> C x H x W in NumPy, one writable copy (torch.from_numpy warns on read-only arrays).
+    # Not torch's permute().contiguous(): that copy goes through torch's intra-op thread pool, which on
+    # a busy machine cost 20+ ms per 160 px image with 2 threads against 0.15 ms here (docs/PERFORMANCE.md).
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1), dtype=np.uint8, order="C"))
 
 
 def random_resized_crop_box(size: Tuple[int, int], scale: Sequence[float] = (0.08, 1.0),

@@ -12,7 +12,8 @@ activation; the BatchNorm pass over the activations disappears.
 Only BatchNormAct2d sites directly after a convolution in our blocks are folded (the stem and head
 ConvNormAct, MBConv's three and Fused-MBConv's two); GroupNorm, LayerNorm and Proxy Norm depend on the
 batch's own statistics and stay. The copy must not be trained: its BatchNorm is gone, so it has no
-running statistics to update, and its activations run in place.
+running statistics to update, and its activations and squeeze-excite gates run in place (both
+overwrite a tensor the block has just made and nothing else reads).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from norms import BatchNormAct2d
 
-from .blocks import ConvNormAct, FusedMBConv, MBConv
+from .blocks import ConvNormAct, FusedMBConv, MBConv, SqueezeExcite
 
 # (convolution, the norm module that follows it) inside each block type, in forward order.
 FOLD_SITES: Dict[Type[nn.Module], Tuple[Tuple[str, str], ...]] = {
@@ -80,6 +81,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 continue
             setattr(module, conv_name, fold_conv_bn(conv, norm))
             setattr(module, norm_name, _inplace(norm.act))
+    for module in folded.modules():
+        if isinstance(module, MBConv) and isinstance(module.se, SqueezeExcite):
+            module.se.inplace_gate = True  # its input is the block's fresh activation
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded
