@@ -37,7 +37,7 @@ GEFFNET_INSTALL = "pip install --no-deps geffnet==1.0.2"  # --no-deps: geffnet d
 _ALWAYS_SHOWN = ("norm", "batch", "threads", "channels_last")
 _NEVER_SHOWN = ("model", "res", "steps", "warmup", "num_classes", "mode")
 _DATA_FIELDS = ("data_path", "workers", "draft", "data_images", "jpeg_size")
-_MODEL_FIELDS = ("norm", "group_size", "expand_ratio", "channels_last", "precision", "impl", "fold_bn",
+_MODEL_FIELDS = ("norm", "group_size", "expand_ratio", "channels_last", "precision", "impl", "fold_bn", "fuse_act",
                  "compile", "proxy_impl", "threads")
 
 
@@ -69,6 +69,7 @@ class BenchConfig:
     precision: str = "fp32"  # bf16 / fp16: autocast (fp16 on CUDA only); weights and optimiser stay fp32
     impl: str = "ours"
     fold_bn: bool = True  # inference: BatchNorm folded into the preceding convolution (models/fuse.py)
+    fuse_act: bool = True  # inference, with fold_bn on the CPU: conv + SiLU as one oneDNN call (ConvSiLU)
     compile: bool = False  # torch.compile the model (torch >= 2.0)
     data_path: Optional[str] = None
     workers: int = 0
@@ -327,7 +328,7 @@ def _inference_model(model, cfg: BenchConfig):
     if cfg.fold_bn and cfg.impl == "ours":
         from ipu_effnet.models.fuse import fold_batchnorm
 
-        model = fold_batchnorm(model)
+        model = fold_batchnorm(model, fuse_act=cfg.fuse_act)
     return model
 
 
@@ -663,6 +664,11 @@ class BenchReport:
         return [y / x for x, y in zip(a, b)]
 
     @property
+    def paired_median(self) -> Optional[float]:
+        """Median of the per-round B/A ratios: robust to load that changes from round to round."""
+        return statistics.median(self.paired_ratios) if self.paired_ratios else None
+
+    @property
     def memory_ratio(self) -> Optional[float]:
         """Peak memory of B over A (peak RSS on the CPU, peak allocated on CUDA), when both were measured."""
         if len(self.results) < 2:
@@ -677,6 +683,7 @@ class BenchReport:
             out["ratio"] = round(self.ratio, 4)
             out["ratio_cpu"] = round(self.ratio_cpu, 4)
             out["paired_ratios"] = [round(r, 4) for r in self.paired_ratios]
+            out["paired_median"] = round(self.paired_median, 4)
             if self.memory_ratio is not None:
                 out["memory_ratio"] = round(self.memory_ratio, 4)
         return out
@@ -778,8 +785,8 @@ def format_report(report: BenchReport) -> str:
             lines.append("    " + _format_memory(r.memory))
     if report.ratio is not None:
         paired = ", ".join(f"{x:.3f}" for x in report.paired_ratios)
-        lines.append(f"  B/A = {report.ratio:.3f}: B is {_change(report.ratio)} (per round: {paired}); "
-                     f"by CPU time {report.ratio_cpu:.3f}")
+        lines.append(f"  B/A = {report.ratio:.3f}: B is {_change(report.ratio)} (per round: {paired}; "
+                     f"their median {report.paired_median:.3f}); by CPU time {report.ratio_cpu:.3f}")
         mem_ratio = report.memory_ratio
         if mem_ratio is not None:
             lines.append(f"  peak memory B/A = {mem_ratio:.3f}")
