@@ -37,7 +37,7 @@ GEFFNET_INSTALL = "pip install --no-deps geffnet==1.0.2"  # --no-deps: geffnet d
 _ALWAYS_SHOWN = ("norm", "batch", "threads", "channels_last")
 _NEVER_SHOWN = ("model", "res", "steps", "warmup", "num_classes", "mode")
 _DATA_FIELDS = ("data_path", "workers", "draft", "data_images", "jpeg_size")
-_MODEL_FIELDS = ("norm", "group_size", "expand_ratio", "channels_last", "precision", "impl", "fold_bn", "fuse_act",
+_MODEL_FIELDS = ("norm", "group_size", "expand_ratio", "channels_last", "precision", "impl", "fold_bn",
                  "compile", "proxy_impl", "threads")
 
 
@@ -69,7 +69,6 @@ class BenchConfig:
     precision: str = "fp32"  # bf16 / fp16: autocast (fp16 on CUDA only); weights and optimiser stay fp32
     impl: str = "ours"
     fold_bn: bool = True  # inference: BatchNorm folded into the preceding convolution (models/fuse.py)
-    fuse_act: bool = True  # inference, with fold_bn on the CPU: conv + SiLU as one oneDNN call (ConvSiLU)
     compile: bool = False  # torch.compile the model (torch >= 2.0)
     data_path: Optional[str] = None
     workers: int = 0
@@ -328,7 +327,7 @@ def _inference_model(model, cfg: BenchConfig):
     if cfg.fold_bn and cfg.impl == "ours":
         from ipu_effnet.models.fuse import fold_batchnorm
 
-        model = fold_batchnorm(model, fuse_act=cfg.fuse_act)
+        model = fold_batchnorm(model)
     return model
 
 

@@ -47,9 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                         help="inference: keep BatchNorm as a separate op (default: folded into the convolution)")
-    parser.add_argument("--no-fuse-act", dest="fuse_act", action="store_false",
-                        help="inference: with BatchNorm folded, keep SiLU apart from the convolution "
-                             "(default: one oneDNN conv+SiLU call on the CPU)")
     parser.add_argument("--proxy-impl", choices=("fused", "inplace", "reference"), default=None,
                         help="how Proxy Norm's per-element step runs (norms/proxy_ops.py; default: the fastest valid)")
     parser.add_argument("--data-path", default=None,
@@ -77,7 +74,7 @@ def config_from_args(args: argparse.Namespace):
                        expand_ratio=args.expand_ratio, res=args.res, batch=args.batch, steps=args.steps,
                        warmup=args.warmup, threads=args.threads, channels_last=args.channels_last,
                        mode=args.mode, proxy_impl=args.proxy_impl, device=args.device, precision=args.precision,
-                       fold_bn=args.fold_bn, fuse_act=args.fuse_act, compile=args.compile, data_path=args.data_path,
+                       fold_bn=args.fold_bn, compile=args.compile, data_path=args.data_path,
                        workers=args.workers, draft=args.draft, data_images=args.data_images,
                        jpeg_size=args.jpeg_size).validate()
 

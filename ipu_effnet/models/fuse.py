@@ -61,32 +61,6 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-class ConvSiLU(nn.Module):
-    """A convolution and SiLU as one oneDNN call on the CPU (`torch.ops.mkldnn._convolution_pointwise`
-    with the "swish" post-op, the kernel torch.compile's CPU backend uses), so the activation is applied
-    while the output is still in cache instead of in a second pass over memory. Elsewhere (CUDA, a dtype
-    other than the weight's, a torch without the op) it runs conv then SiLU."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if x.device.type == "cpu" and x.dtype == c.weight.dtype and _has_pointwise_conv() \
-                and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
-                                                           list(c.dilation), c.groups, "swish", [], "")
-        return torch.nn.functional.silu(c(x), inplace=True)
-
-
-def _has_pointwise_conv() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _inplace(act: nn.Module) -> nn.Module:
     """The activation in place where torch offers it: after a folded convolution its input is a fresh
     tensor nobody else reads, so overwriting it saves one allocation and one write per element."""
@@ -95,25 +69,18 @@ def _inplace(act: nn.Module) -> nn.Module:
     return act
 
 
-def fold_batchnorm(model: nn.Module, fuse_act: bool = True) -> nn.Module:
+def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every foldable BatchNorm merged into its convolution (see the
-    module docstring); a model without BatchNorm comes back as an unchanged eval-mode copy. With
-    `fuse_act`, a folded convolution followed by SiLU on the CPU becomes one `ConvSiLU` call."""
+    module docstring); a model without BatchNorm comes back as an unchanged eval-mode copy."""
     folded = copy.deepcopy(model).eval()
-    fuse = fuse_act and _has_pointwise_conv()
     for module in folded.modules():
         for conv_name, norm_name in FOLD_SITES.get(type(module), ()):
             conv, norm = getattr(module, conv_name), getattr(module, norm_name)
             if type(norm) is not BatchNormAct2d or not isinstance(conv, nn.Conv2d) or \
                     not norm.track_running_stats:
                 continue
-            conv = fold_conv_bn(conv, norm)
-            if fuse and type(norm.act) is nn.SiLU and conv.weight.device.type == "cpu":
-                setattr(module, conv_name, ConvSiLU(conv))
-                setattr(module, norm_name, nn.Identity())
-            else:
-                setattr(module, conv_name, conv)
-                setattr(module, norm_name, _inplace(norm.act))
+            setattr(module, conv_name, fold_conv_bn(conv, norm))
+            setattr(module, norm_name, _inplace(norm.act))
     for module in folded.modules():
         if isinstance(module, MBConv) and isinstance(module.se, SqueezeExcite):
             module.se.inplace_gate = True  # its input is the block's fresh activation
