@@ -61,6 +61,7 @@ def test_report_ratio_is_b_over_a_of_the_medians():
     assert report.ratio == pytest.approx(9.9 / 11)
     assert report.ratio_cpu == pytest.approx(4.5 / 5)
     assert report.paired_ratios == pytest.approx([0.9, 9.9 / 12, 10 / 11])
+    assert report.paired_median == pytest.approx(0.9)  # of 0.9, 0.825, 0.909
     assert report.results[0].spread == pytest.approx(2 / 11)
     text = format_report(report)
     assert "B/A = 0.900: B is 10.0% slower" in text and "as A with norm=layer+proxy" in text
@@ -68,7 +69,8 @@ def test_report_ratio_is_b_over_a_of_the_medians():
 
 
 def test_bench_command_alternates_a_and_b_and_prints_json():
-    status, out, _ = _run(["bench", *TINY, "--norm", "layer", "--repeats", "2", "--vs", "norm=layer+proxy", "--json"])
+    status, out, _ = _run(["bench", *TINY, "--norm", "layer", "--repeats", "2", "--vs", "norm=layer+proxy", "--json",
+                           "--no-memory"])
     assert status == 0
     report = json.loads(out)
     a, b = report["results"]
@@ -80,7 +82,7 @@ def test_bench_command_alternates_a_and_b_and_prints_json():
 
 
 def test_bench_infer_mode_and_usage_errors():
-    status, out, _ = _run(["bench", *TINY, "--mode", "infer", "--repeats", "1"])
+    status, out, _ = _run(["bench", *TINY, "--mode", "infer", "--repeats", "1", "--no-memory"])
     assert status == 0 and "inference" in out and "img/s" in out and "B/A" not in out
     assert _run(["bench", *TINY, "--norm", "batch+proxy"])[0] == 2
     assert _run(["bench", *TINY, "--vs", "colour=red"])[0] == 2
@@ -92,5 +94,112 @@ def test_bench_infer_mode_and_usage_errors():
 def test_run_bench_interleaves_rounds():
     seen = []
     a = BenchConfig(model="efficientnet_tiny", norm="group", res=32, batch=1, steps=1, warmup=0)
-    run_bench([a, a.with_overrides("norm=none")], repeats=2, progress=seen.append)
+    run_bench([a, a.with_overrides("norm=none")], repeats=2, progress=seen.append, memory=False)
     assert [line.split(":")[0] for line in seen] == ["round 1/2 A", "round 1/2 B", "round 2/2 A", "round 2/2 B"]
+
+
+def _write_jpegs(root, count, size=(96, 72)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+
+
+def test_new_options_validate_with_one_line_errors():
+    a = BenchConfig(model="efficientnet_b0", norm="batch")
+    assert a.with_overrides("device=cuda precision=fp16 workers=2 draft=false").workers == 2
+    for text, match in (("precision=fp16", "needs device cuda"), ("device=tpu", "device 'tpu'"),
+                        ("impl=timm", "impl 'timm'"), ("impl=geffnet norm=layer", "norm batch"),
+                        ("impl=geffnet model=efficientnet_b0_g16", "no geffnet counterpart"),
+                        ("jpeg_size=500", "WIDTHxHEIGHT"), ("workers=-1", "workers must be >= 0")):
+        with pytest.raises(UsageError, match=match):
+            a.with_overrides(text)
+    data = BenchConfig(mode="data", res=160, workers=1)
+    assert data.label() == "batch=16 workers=1"  # no model fields in the data mode
+    assert "precision=bf16" in a.with_overrides("precision=bf16").label()
+
+
+def test_bench_reports_peak_memory_from_a_fresh_process():
+    a = BenchConfig(model="efficientnet_tiny", norm="batch", res=32, batch=2, steps=1, warmup=0, num_classes=10)
+    report = run_bench([a, a.with_overrides("batch=8")], repeats=1)
+    small, large = (r.memory for r in report.results)
+    for memory in (small, large):
+        assert memory["peak_rss_mb"] >= memory["built_rss_mb"] > 50  # the interpreter and torch alone exceed it
+        assert memory["steps_rss_mb"] == pytest.approx(memory["peak_rss_mb"] - memory["built_rss_mb"], abs=0.2)
+    assert report.memory_ratio == pytest.approx(large["peak_rss_mb"] / small["peak_rss_mb"])
+    assert "peak RSS" in format_report(report) and "peak memory B/A" in format_report(report)
+    assert run_bench([a], repeats=1, memory=False).results[0].memory is None
+
+
+def test_bf16_autocast_and_cuda_or_ipu_missing():
+    status, out, _ = _run(["bench", *TINY, "--precision", "bf16", "--repeats", "1", "--no-memory"])
+    assert status == 0 and "cpu bf16" in out
+    import torch
+
+    if not torch.cuda.is_available():
+        status, _, err = _run(["bench", *TINY, "--device", "cuda", "--no-memory"])
+        assert status == 2 and "device cuda" in err
+    try:
+        import poptorch  # noqa: F401
+    except ImportError:
+        status, _, err = _run(["bench", *TINY, "--device", "ipu", "--no-memory"])
+        assert status == 2 and "poptorch" in err.lower()
+
+
+def test_data_mode_on_a_jpeg_folder_draft_against_full_decode(tmp_path):
+    _write_jpegs(tmp_path, 6)
+    status, out, _ = _run(["bench", "--mode", "data", "--data-path", str(tmp_path), "--res", "32", "--batch", "2",
+                           "--steps", "2", "--warmup", "1", "--repeats", "1", "--quiet", "--json",
+                           "--vs", "draft=false workers=1"])
+    assert status == 0
+    report = json.loads(out)
+    a, b = report["results"]
+    assert (a["config"]["draft"], b["config"]["draft"]) == (True, False)
+    assert a["images"] == b["images"] == 6 and a["resolution"] == 32 and b["workers"] == 1
+    assert a["median_per_worker"] == pytest.approx(a["median"], rel=1e-3)  # 0 workers count as one
+    assert b["median_per_worker"] == pytest.approx(b["median"], rel=1e-3)
+    assert a["memory"] is None and report["ratio"] == pytest.approx(b["median"] / a["median"], rel=1e-3)
+    assert _run(["bench", "--mode", "data", "--data-path", str(tmp_path / "missing"), "--quiet"])[0] == 2
+
+
+def test_draft_option_of_the_train_transform_decodes_at_full_size(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from ipu_effnet.data.transforms import TrainTransform, decode_region
+
+    _write_jpegs(tmp_path, 1, size=(400, 300))
+    path = next(tmp_path.rglob("*.jpg"))
+    with Image.open(path) as img:
+        assert decode_region(img, (0, 0, 400, 300), (40, 30))[0].size == (50, 38)  # libjpeg's 1/8 scale
+    with Image.open(path) as img:
+        assert decode_region(img, (0, 0, 400, 300), (40, 30), draft=False)[0].size == (400, 300)
+    for draft in (True, False):
+        with Image.open(path) as img:
+            out = TrainTransform(32, draft=draft)(img, random.Random(0))
+        assert tuple(out.shape) == (3, 32, 32)
+
+
+def test_peer_geffnet_alternates_with_ours():
+    pytest.importorskip("geffnet")
+    status, out, _ = _run(["bench", "--model", "efficientnet_b0", "--res", "32", "--batch", "2", "--steps", "1",
+                           "--warmup", "0", "--repeats", "1", "--quiet", "--json", "--no-memory", "--peer", "geffnet"])
+    assert status == 0
+    a, b = json.loads(out)["results"]
+    assert (a["config"]["impl"], b["config"]["impl"]) == ("ours", "geffnet")
+    assert abs(a["params"] - b["params"]) < 0.01 * a["params"]  # the same network, two implementations
+    assert _run(["bench", *TINY, "--peer", "geffnet", "--vs", "batch=4"])[0] == 2
+
+
+def test_peer_geffnet_missing_is_a_usage_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "geffnet", None)  # import geffnet now raises ImportError
+    status, _, err = _run(["bench", "--model", "efficientnet_b0", "--res", "32", "--batch", "1", "--steps", "1",
+                           "--warmup", "0", "--repeats", "1", "--quiet", "--no-memory", "--peer", "geffnet"])
+    assert status == 2 and "pip install --no-deps geffnet==1.0.2" in err

@@ -171,13 +171,17 @@ class Loader(DataLoader):
 
 
 def create_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, seed: int, rank: int = 0,
-                  world_size: int = 1, drop_last: Optional[bool] = None, pin_memory: bool = False) -> Loader:
+                  world_size: int = 1, drop_last: Optional[bool] = None, pin_memory: Optional[bool] = None) -> Loader:
     """Batches of (uint8 N x C x H x W, int64 N) from this rank's shard of `dataset`.
 
     train: shuffle per epoch, equal shards on every rank, drop the last partial batch (unless
     drop_last=False); otherwise dataset order, disjoint shards covering every sample once, and the last
-    partial batch kept. workers: DataLoader worker processes (0: load in this process).
+    partial batch kept. workers: DataLoader worker processes (0: load in this process). pin_memory:
+    page-locked batches, so that the backend's non_blocking copies to a GPU overlap the step; None:
+    when CUDA is available (docs/PERFORMANCE.md).
     """
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     if batch_size < 1:
         raise DataError(f"batch_size = {batch_size}; expected >= 1")
     if workers < 0:

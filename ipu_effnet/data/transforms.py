@@ -54,10 +54,13 @@ _DRAFT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg's DCT scaling offers
 
 def to_uint8_tensor(img: Any) -> torch.Tensor:
     """A PIL image or H x W (x C) uint8 array -> a contiguous uint8 C x H x W tensor."""
-    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # H x W x C -> C x H x W
+    # H x W x C -> C x H x W in NumPy, one writable copy (torch.from_numpy warns on read-only arrays).
+    # Not torch's permute().contiguous(): that copy goes through torch's intra-op thread pool, which on
+    # a busy machine cost 20+ ms per 160 px image with 2 threads against 0.15 ms here (docs/PERFORMANCE.md).
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1), dtype=np.uint8, order="C"))
 
 
 def random_resized_crop_box(size: Tuple[int, int], scale: Sequence[float] = (0.08, 1.0),
@@ -106,17 +109,19 @@ def eval_crop_box(size: Tuple[int, int], resolution: int, crop_fraction: float =
     return (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
 
 
-def decode_region(img: Image.Image, box: Box, out_size: Tuple[int, int]) -> Tuple[Image.Image, Box]:
+def decode_region(img: Image.Image, box: Box, out_size: Tuple[int, int],
+                  draft: bool = True) -> Tuple[Image.Image, Box]:
     """Decode `img` as RGB, at reduced scale where its format allows (JPEG) and the crop `box` (in the
     image's own coordinates) will be shrunk to `out_size` by at least 2x; return the decoded image and
-    the box in its coordinates. The draft keeps at least `out_size` pixels inside the box."""
+    the box in its coordinates. The draft keeps at least `out_size` pixels inside the box. draft=False
+    always decodes at full size (the baseline `bench --mode data --vs draft=false` compares against)."""
     width, height = img.size
     box_w, box_h = box[2] - box[0], box[3] - box[1]
     # Decoded size for which the box still spans out_size pixels; draft picks the largest scale 1/s with
     # size // s >= this, so the decoded box is never smaller than out_size.
     need = (math.ceil(width * out_size[0] / box_w), math.ceil(height * out_size[1] / box_h))
     reduction = 1.0
-    if 2 * need[0] <= width and 2 * need[1] <= height:
+    if draft and 2 * need[0] <= width and 2 * need[1] <= height:
         drafted = img.draft("RGB", need)  # a no-op (None) for formats without reduced-scale decoding
         if img.size != (width, height):
             if isinstance(drafted, tuple) and drafted[1] and drafted[1][2]:
@@ -132,9 +137,9 @@ def decode_region(img: Image.Image, box: Box, out_size: Tuple[int, int]) -> Tupl
     return img, scaled
 
 
-def resize_region(img: Image.Image, box: Box, out_size: Tuple[int, int]) -> Image.Image:
+def resize_region(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: bool = True) -> Image.Image:
     """The crop `box` of `img` resized (bilinear, antialiased) to `out_size`, drafting JPEGs first."""
-    decoded, scaled = decode_region(img, box, out_size)
+    decoded, scaled = decode_region(img, box, out_size, draft)
     return decoded.resize(out_size, BILINEAR, box=scaled)
 
 
@@ -162,8 +167,9 @@ class TrainTransform:
 
     def __init__(self, resolution: int, scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip_rate: float = 0.5,
-                 randaugment: Optional[Any] = None) -> None:
+                 randaugment: Optional[Any] = None, draft: bool = True) -> None:
         self.resolution = int(resolution)
+        self.draft = bool(draft)  # reduced-scale JPEG decoding (decode_region); False only to measure it
         self.randaugment = randaugment  # a data.randaugment.RandAugment applied after crop and flip, or None
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -172,7 +178,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
         rng = random if rng is None else rng
         box = random_resized_crop_box(img.size, self.scale, self.ratio, rng)
-        out = resize_region(img, box, (self.resolution, self.resolution))
+        out = resize_region(img, box, (self.resolution, self.resolution), self.draft)
         if rng.random() < self.flip_rate:
             out = out.transpose(_FLIP_LEFT_RIGHT)
         if self.randaugment is not None:

@@ -44,10 +44,15 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = nn.Conv2d(chs, se_chs, 1, bias=True)
         self.act = get_act(act)
         self.conv_expand = nn.Conv2d(se_chs, chs, 1, bias=True)
+        # Gate x in place: only for the eval-only copies of models.fuse.fold_batchnorm, where x is the
+        # block's own fresh activation and no autograd graph needs it (saves one N x C x H x W tensor).
+        self.inplace_gate = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)  # N, C, 1, 1
         s = self.conv_expand(self.act(self.conv_reduce(s)))
+        if self.inplace_gate and not torch.is_grad_enabled():
+            return x.mul_(torch.sigmoid(s))
         return x * torch.sigmoid(s)
 
 
@@ -68,6 +73,15 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={self.rate:.4f}"
+
+
+def _add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch. Without autograd (inference) the sum goes into `branch`, the block's own fresh
+    output, saving an allocation; with autograd out of place, since some norms keep their output for
+    the backward pass (Proxy Norm)."""
+    if torch.is_grad_enabled():
+        return x + branch
+    return branch.add_(x)
 
 
 def _drop_path(rate: float) -> nn.Module:
@@ -98,7 +112,7 @@ class MBConv(nn.Module):
         y = self.se(y)
         y = self.norm3(self.conv_pwl(y))
         if self.has_residual:
-            y = x + self.drop_path(y)
+            y = _add_residual(x, self.drop_path(y))
         return y
 
 
@@ -123,7 +137,7 @@ class FusedMBConv(nn.Module):
         y = self.se(y)
         y = self.norm2(self.conv_pwl(y))
         if self.has_residual:
-            y = x + self.drop_path(y)
+            y = _add_residual(x, self.drop_path(y))
         return y
 
 

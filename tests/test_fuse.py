@@ -1,0 +1,68 @@
+"""ipu_effnet/models/fuse.py: BatchNorm folded into the preceding convolution equals the eval model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ipu_effnet.models import create_model
+from ipu_effnet.models.blocks import FusedMBConv
+from ipu_effnet.models.builder import BlockArgs
+from ipu_effnet.models.fuse import count_batchnorm, fold_batchnorm
+from norms import NormSpec
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    # Trained-looking statistics and affine: with the initial ones (mean 0, var 1, gamma 1, beta 0)
+    # folding would be nearly the identity and a wrong formula could pass.
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_model_equals_the_eval_model(channels_last):
+    torch.manual_seed(0)
+    model = create_model("efficientnet_tiny", norm="batch", num_classes=10)
+    _randomise_bn(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).eval()
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=fmt)
+    folded = fold_batchnorm(model)
+    assert count_batchnorm(model) > 0 and count_batchnorm(folded) == 0
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert not model.training and count_batchnorm(model) > 0  # the original keeps its BatchNorm
+    if channels_last:
+        assert folded.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_mbconv_block_folds_too():
+    args = BlockArgs(block="fused", in_chs=8, out_chs=8, mid_chs=32, kernel=3, stride=1, groups=1, se_chs=0,
+                     drop_path_rate=0.0, path="blocks.0.0")
+    block = FusedMBConv(args, NormSpec(kind="batch"), "silu")
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(2, 8, 9, 9)
+    folded = fold_batchnorm(block)
+    assert count_batchnorm(folded) == 0 and folded.conv_exp.bias is not None
+    with torch.no_grad():
+        assert torch.allclose(folded(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_models_without_batchnorm_keep_their_norms():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_tiny", norm="group", num_classes=10).eval()
+    folded = fold_batchnorm(model)
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert [type(m).__name__ for m in folded.modules()] == kinds
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
