@@ -3,6 +3,7 @@ interrupted mid-matrix that, rerun, does not train its completed runs again."""
 
 import csv
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ data: {{dataset: generated, num_train: 16, num_val: 8, workers: 0}}
 train: {{epochs: 1, micro_batch: 8, optimizer: sgd, lr: 0.05, lr_schedule: cosine, warmup_epochs: 0}}
 logging: {{progress: false, log_every: 1}}
 """
-BENCH = BenchSettings(batch=2, steps=1, warmup=0)
+BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0)
 
 
 def test_pareto_front_on_hand_made_points():
@@ -87,6 +88,7 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
         assert float(r["params"]) > 0 and float(r["gmacs_train"]) > 0
         assert float(r["gmacs_train"]) == pytest.approx(float(r["gmacs_test"]))
         assert float(r["infer_images_per_sec"]) > 0 and float(r["train_images_per_sec"]) > 0
+        assert float(r["run_train_images_per_sec"]) > 0  # the run's own average, kept beside it
         assert 0.0 <= float(r["top1"]) <= 1.0
         assert int(r["best_resolution"]) in (32, 40)
     assert [r["norm"] for r in rows] == ["group", "layer"]
@@ -138,3 +140,35 @@ def test_bad_inputs_fail_before_training(tmp_path):
 def test_table_formats_missing_values():
     table = format_table([{"recipe": "a", "top1": 0.5, "train_images_per_sec": None}])
     assert "| a |" in table and "50.00%" in table and " - " in table
+
+
+def test_training_speed_is_measured_with_the_recipes_taking_turns(monkeypatch):
+    """measure_training runs the recipe's real step (the weights move) in rounds that alternate over the
+    recipes, and gives each the median of its rounds."""
+    import torch
+
+    from ipu_effnet.analysis import bench as bench_mod
+    from ipu_effnet.analysis.bench import Timing
+    from ipu_effnet.analysis.compare import measure_training
+    from ipu_effnet.config import load, model_kwargs
+    from ipu_effnet.models import create_model
+
+    order, rates = [], iter([10.0, 100.0, 30.0, 300.0, 20.0, 200.0])
+
+    def fake_measure(workload):
+        workload.step()
+        order.append(workload.resolution)
+        return Timing(next(rates), 1.0)
+
+    monkeypatch.setattr(bench_mod, "measure", fake_measure)
+    jobs = []
+    for res in (32, 16):
+        cfg = load(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml", ["model.name=efficientnet_tiny", "model.num_classes=4",
+                                                         "train.micro_batch=2"])
+        name, kwargs = model_kwargs(cfg)
+        jobs.append({"model": create_model(name, **kwargs), "cfg": cfg, "resolution": res})
+    before = jobs[0]["model"].classifier.weight.detach().clone()
+    got = measure_training(jobs, BenchSettings(train_rounds=3))
+    assert order == [32, 16, 32, 16, 32, 16]
+    assert got == [20.0, 200.0]
+    assert not torch.equal(before, jobs[0]["model"].classifier.weight)

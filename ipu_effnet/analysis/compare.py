@@ -15,8 +15,9 @@ Layout of `out_dir`:
 
 A run with summary.json is complete and is not trained again; one with checkpoints but no summary was
 interrupted and is resumed; its sweep is reused while sweep.csv is newer than summary.json. Inference
-speed and memory are measured again on every call, for all recipes with the same settings, so that one
-table's numbers come from one machine in one state.
+speed and memory, and the training step's speed, are measured again on every call, for all recipes with
+the same settings (training: the recipes take turns, round by round), so that one table's numbers come
+from one machine in one state; "train img/s (run)" is the average the run itself saw while training.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ COLUMNS = [
     ("gmacs_train", "GMACs train", "{:.4f}"),
     ("gmacs_test", "GMACs test", "{:.4f}"),
     ("train_images_per_sec", "train img/s", "{:.1f}"),
+    ("run_train_images_per_sec", "train img/s (run)", "{:.1f}"),
     ("infer_images_per_sec", "infer img/s", "{:.1f}"),
     ("peak_memory_mb", "peak mem (MB)", "{:.1f}"),
     ("top1", "top-1 @ test px", "{:.2%}"),
@@ -68,12 +70,17 @@ class Recipe:
 
 @dataclass
 class BenchSettings:
-    """The inference measurement, identical for every recipe of one comparison."""
+    """The speed measurements, identical for every recipe of one comparison: inference (batch, steps,
+    warm-up) and the training step (`train_rounds` rounds over all recipes in turn, each of
+    `train_warmup` + `train_steps` steps at the recipe's own training resolution and micro-batch)."""
 
     batch: int = 16
     steps: int = 5
     warmup: int = 2
     threads: Optional[int] = None
+    train_rounds: int = 3
+    train_steps: int = 2
+    train_warmup: int = 1
 
 
 @dataclass
@@ -248,6 +255,47 @@ def measure_inference(model: Any, resolution: int, settings: Optional[BenchSetti
             "bench_batch": settings.batch}
 
 
+def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
+                     progress: bool = False) -> List[float]:
+    """Training images/s of each job ({"model", "cfg", "resolution"}): the recipe's own step (TrainingModel
+    with its loss and mixing, its optimiser, TorchRunner) on random uint8 images at the job's resolution and
+    micro-batch x accumulation. The jobs take turns, `train_rounds` rounds of warm-up + timed steps each,
+    in this one process, and each gets the median of its rounds: so that the ratios between recipes do not
+    depend on when each run happened to train on a shared machine (the in-run average, the "(run)"
+    column, does). The models are trained in place: pass copies."""
+    import torch
+    from tqdm import tqdm
+
+    from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
+    from ipu_effnet.backends.torch_backend import TorchRunner
+    from ipu_effnet.training.model import TrainingModel
+    from ipu_effnet.training.optim import optimizer_from_config
+
+    settings = settings or BenchSettings()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    workloads = []
+    for job in jobs:
+        cfg, res = job["cfg"], int(job["resolution"])
+        model = job["model"].to(device)
+        runner = TorchRunner(TrainingModel.from_config(model, cfg.train).to(device),
+                             optimizer_from_config(model, cfg.train), cfg.train.grad_accum, cfg.train.precision, device)
+        batch = cfg.train.micro_batch * cfg.train.grad_accum
+        images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8)
+        labels = torch.randint(0, cfg.model.num_classes, (batch,))
+        bench_cfg = BenchConfig(model=cfg.model.name, res=res, batch=batch, steps=settings.train_steps,
+                                warmup=settings.train_warmup, threads=settings.threads, mode="train")
+        workloads.append(Workload(bench_cfg, res, (lambda r=runner, x=images, y=labels: r.step(x, y)), {}))
+    rates: List[List[float]] = [[] for _ in workloads]
+    bar = tqdm(total=settings.train_rounds * len(workloads), desc="training step", unit="run",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    for _ in range(settings.train_rounds):
+        for i, workload in enumerate(workloads):
+            rates[i].append(measure(workload).images_per_s)
+            bar.update(1)
+    bar.close()
+    return [sorted(r)[len(r) // 2] for r in rates]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The comparison
 
@@ -323,6 +371,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         configs.append(cfg)
 
     rows: List[Dict[str, Any]] = []
+    jobs: List[Dict[str, Any]] = []  # the training-step measurement, after every recipe has run
     sweeps: Dict[str, List[Dict[str, Any]]] = {}
     trained: List[str] = []
     skipped: List[str] = []
@@ -374,15 +423,19 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
             **res,
             "gmacs_train": cost_train["gmacs"],
             "gmacs_test": cost_test["gmacs"],
-            "train_images_per_sec": summary.get("train_images_per_sec"),
+            "train_images_per_sec": None,  # measured below, all recipes in turn
+            "run_train_images_per_sec": summary.get("train_images_per_sec"),
             **inference,
             "top1": at_test[0]["top1"] if at_test else summary.get("val_top1"),
             "best_resolution": best["resolution"],
             "best_top1": best["top1"],
             "wall_seconds": summary.get("wall_seconds"),
         })
+        jobs.append({"model": rebuild_model(ckpt), "cfg": cfg, "resolution": res["train_resolution"]})
         bar.update(1)
     bar.close()
+    for row, rate in zip(rows, measure_training(jobs, bench, progress=progress)):
+        row["train_images_per_sec"] = rate
     files = write_outputs(out_dir, rows, sweeps)
     return CompareResult(out_dir, rows, sweeps, trained, skipped, files)
 
@@ -447,8 +500,10 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]],
     md.write_text(
         "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
         f"Inference images/s and {note}, measured on this machine at the test resolution, batch "
-        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe. Training images/s "
-        "and wall time come from each run's summary.json. How to read this: docs/recipes.md.\n",
+        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe. Training images/s: "
+        "the recipe's training step at its training resolution and micro-batch, measured here with the recipes "
+        "taking turns (median of the rounds); \"(run)\" and wall time come from each run's summary.json. "
+        "How to read this: docs/recipes.md.\n",
         encoding="utf-8")
     csv_path = out_dir / "compare.csv"
     keys = [k for k, _, _ in COLUMNS] + ["memory_kind", "bench_batch"]
