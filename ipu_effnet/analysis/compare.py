@@ -78,8 +78,8 @@ class BenchSettings:
     steps: int = 5
     warmup: int = 2
     threads: Optional[int] = None
-    train_rounds: int = 3
-    train_steps: int = 2
+    train_rounds: int = 5
+    train_steps: int = 3
     train_warmup: int = 1
 
 
