@@ -116,7 +116,7 @@ def _pareto_panel(ax, names: Sequence[str], xs: Sequence[Optional[float]], ys: S
                 drawstyle="steps-pre" if len(front) > 1 else "default", label="Pareto front")
         ax.scatter([p[0] for p in front], [p[1] for p in front], s=90, facecolors="none", edgecolors="tab:red",
                    zorder=4)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="best")  # away from the points and their names
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 at native resolution (%)")
     ax.grid(True, alpha=0.3)
