@@ -203,3 +203,23 @@ def test_peer_geffnet_missing_is_a_usage_error(monkeypatch):
     status, _, err = _run(["bench", "--model", "efficientnet_b0", "--res", "32", "--batch", "1", "--steps", "1",
                            "--warmup", "0", "--repeats", "1", "--quiet", "--no-memory", "--peer", "geffnet"])
     assert status == 2 and "pip install --no-deps geffnet==1.0.2" in err
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_ipu_device_runs_through_poptorch(mode):
+    """--device ipu builds poptorch.trainingModel / inferenceModel (here the SDK-free double of
+    tests/poptorch_double, in a subprocess so that it is importable as `poptorch`) and times it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root / "tests" / "poptorch_double"), str(root)]))
+    proc = subprocess.run([sys.executable, "-m", "ipu_effnet", "bench", *TINY, "--repeats", "1", "--device", "ipu",
+                           "--mode", mode, "--no-memory", "--json"], capture_output=True, text=True, cwd=root,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(proc.stdout)["results"]
+    assert result["config"]["device"] == "ipu" and result["median"] > 0

@@ -263,16 +263,19 @@ class _Executor:
             for it in range(o.device_iterations):
                 self.optimizer.zero_grad()
                 for m in micro[it * per_iteration:(it + 1) * per_iteration]:
-                    loss, logits = self.model(*m)
+                    result = self.model(*m)  # the loss alone, or (loss, other outputs...)
+                    loss = result[0] if isinstance(result, tuple) else result
                     scale = 1.0 / per_iteration if o.reduction == ReductionType.Mean else 1.0
                     (loss.float() * scale).backward()
-                    outputs.append((loss.detach(), logits.detach()))
+                    outputs.append(tuple(r.detach() for r in result) if isinstance(result, tuple) else loss.detach())
                 self.optimizer.step()
             for group, lr in zip(self.optimizer.param_groups, host_lrs):
                 group["lr"] = lr
         if isinstance(outputs[0], tuple):
             losses, logits = zip(*outputs)
             return torch.stack([torch.as_tensor(v).reshape(()) for v in losses]), torch.cat(logits)
+        if outputs[0].dim() == 0:  # one loss per micro-batch
+            return torch.stack(outputs)
         return torch.cat(outputs)
 
 
