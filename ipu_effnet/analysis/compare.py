@@ -411,7 +411,8 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         ckpt = load_checkpoint(resolve_checkpoint(run_dir))
         cost_train = model_cost(ckpt["model_args"], res["train_resolution"])
         cost_test = model_cost(ckpt["model_args"], res["test_resolution"])
-        inference = measure_inference(rebuild_model(ckpt), res["test_resolution"], bench)
+        network = rebuild_model(ckpt)  # measured for inference now, trained by measure_training below
+        inference = measure_inference(network, res["test_resolution"], bench)
         at_test = [r for r in rows_sweep if r["resolution"] == res["test_resolution"]]
         best = best_row(rows_sweep)
         rows.append({
@@ -431,7 +432,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
             "best_top1": best["top1"],
             "wall_seconds": summary.get("wall_seconds"),
         })
-        jobs.append({"model": rebuild_model(ckpt), "cfg": cfg, "resolution": res["train_resolution"]})
+        jobs.append({"model": network, "cfg": cfg, "resolution": res["train_resolution"]})
         bar.update(1)
     bar.close()
     for row, rate in zip(rows, measure_training(jobs, bench, progress=progress)):

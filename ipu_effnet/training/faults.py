@@ -3,7 +3,7 @@ checkpoints, unreadable images. Small pieces the flat loop (`loop.train`) calls 
 
     with StopOnSignals():                              # the train command, around the whole recipe
         ...
-        if stop_requested(world_size, device):         # the loop, at every step boundary
+        if stop_requested(collectives):                # the loop, at every step boundary
             save_or_stop(...); raise Preempted(...)    # a resumable checkpoint at this very step
     bad_steps.observe(out, step, last_checkpoint)      # after each step: NumericalError when it must stop
     preflight(run_dir / "checkpoints", nbytes)         # before the first step: writable, enough space
@@ -112,18 +112,15 @@ class StopOnSignals:
         _state["signal"] = None
 
 
-def stop_requested(world_size: int = 1, device: Any = None) -> Optional[str]:
-    """The signal that asked the run to stop, or None. With several ranks, any rank's signal stops all
-    of them at the same step (one all-reduce per step, only while the handlers are installed)."""
+def stop_requested(collectives: Any = None) -> Optional[str]:
+    """The signal that asked the run to stop, or None. With several processes (`collectives`: the run's
+    host collectives, backends/host_collectives.py), any process's signal stops all of them at the same
+    step: one all-reduce per step, only while the handlers are installed."""
     name = _state["signal"]
-    if world_size <= 1 or not _state["installed"]:
+    if collectives is None or collectives.size <= 1 or not _state["installed"]:
         return name
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if name else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return name or ("SIGTERM" if float(flag.item()) > 0 else None)
+    stops = collectives.all_reduce_sum({"stop": 1.0 if name else 0.0})["stop"]
+    return name or ("SIGTERM" if stops > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------------------

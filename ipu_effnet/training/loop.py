@@ -331,6 +331,16 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     bad_steps = faults.BadSteps(cfg.train.max_bad_steps, tolerant=getattr(runner, "scaler", None) is not None,
                                 precision=cfg.train.precision)
     train_time, train_images = resume_at.train_time, resume_at.train_images
+
+    def save(epoch_mark: float, extra: Dict[str, Any]) -> Path:
+        """Write a checkpoint at epoch `epoch_mark` and the current step (rank 0); the previous one
+        stays if the write fails. On the IPU backend it also holds the device-side optimiser state."""
+        if backend == "ipu":
+            extra = dict(extra, ipu_optimizer=runner.optimizer_state())
+        state = make_checkpoint(model, optimizer, epoch=epoch_mark, step=step, averagers=averagers,
+                                config=cfg.to_dict(), extra=extra)
+        return faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch_mark, step), state,
+                                   cfg.train.keep_checkpoints, last_checkpoint)
     for epoch in range(start_epoch, num_epochs):
         stage = stages[stage_index(epoch, num_epochs, len(stages))]
         if stage is not current:  # progressive resizing: new resolution and regularisation
@@ -376,19 +386,13 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                 metrics.write({"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": lr,
                                "loss": out["loss"], "top1": out["correct"] / out["samples"],
                                "images_per_sec": ips})
-            stop = faults.stop_requested(info.world_size, device)
+            stop = faults.stop_requested(info.collectives)
             if stop:  # pre-emption: a checkpoint at this step that --resume continues from exactly
                 bar.close()
                 if backend != "torch":
                     runner.sync_weights_to_host()
                 if info.is_main:
-                    extra = faults.mid_epoch_extra(done, epoch_sums, train_time, train_images)
-                    if backend == "ipu":
-                        extra["ipu_optimizer"] = runner.optimizer_state()
-                    state = make_checkpoint(model, optimizer, epoch=epoch, step=step, averagers=averagers,
-                                            config=cfg.to_dict(), extra=extra)
-                    last_checkpoint = faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step),
-                                                          state, cfg.train.keep_checkpoints, last_checkpoint)
+                    last_checkpoint = save(epoch, faults.mid_epoch_extra(done, epoch_sums, train_time, train_images))
                 raise faults.Preempted(stop, step, last_checkpoint)
         bar.close()
         if backend != "torch":  # IPU: weights to the host; pipeline: every stage's weights to every rank
@@ -407,11 +411,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             f"val top-1 {val['top1']:.2%}, top-5 {val['top5']:.2%}, {record['images_per_sec']:.1f} img/s")
         last = epoch + 1 == num_epochs
         if info.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
-            extra = {"ipu_optimizer": runner.optimizer_state()} if backend == "ipu" else None
-            state = make_checkpoint(model, optimizer, epoch=epoch + 1, step=step, averagers=averagers,
-                                    config=cfg.to_dict(), extra=extra)
-            last_checkpoint = faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch + 1, step), state,
-                                                  cfg.train.keep_checkpoints, last_checkpoint)
+            last_checkpoint = save(epoch + 1, {})
 
     if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
         val = run_eval()
