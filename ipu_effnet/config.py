@@ -44,11 +44,13 @@ __all__ = [
     "BACKENDS",
     "DATASETS",
     "DIST_BACKENDS",
+    "JPEG_DECODERS",
     "LR_SCHEDULES",
     "NORM_KINDS",
     "OPTIMIZERS",
     "PRECISIONS",
     "RECIPES",
+    "RESAMPLERS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -80,6 +82,8 @@ BACKENDS = ("auto", "torch", "ipu", "pipeline")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 HOST_COLLECTIVES = ("auto", "horovod", "gloo")  # backends/host_collectives.py
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # backend pipeline: torch.distributed.pipelining schedules
+JPEG_DECODERS = ("auto", "pillow", "simplejpeg")  # data/decode.py
+RESAMPLERS = ("auto", "pillow", "torch")  # data/decode.py: the training crop's resize
 
 DEFAULTS_SOURCE = "<defaults>"
 OVERRIDE_SOURCE = "--set"
@@ -147,6 +151,8 @@ class DataConfig:
     num_val: Optional[int] = option(None, ge=1)
     max_corrupt_fraction: float = option(0.01, ge=0, le=1)  # unreadable images skipped and counted; more stops the run
     verify_images: bool = True  # imagenet: open every file's header when scanning (empty/non-image files found up front)
+    jpeg_decoder: str = option("auto", choices=JPEG_DECODERS)  # imagenet: auto = simplejpeg if installed (Pillow's pixels, faster)
+    resampler: str = option("auto", choices=RESAMPLERS)  # imagenet training crops: auto = torch's uint8 kernel in loader workers
 
 
 @dataclass

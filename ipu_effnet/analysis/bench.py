@@ -36,7 +36,7 @@ GEFFNET_INSTALL = "pip install --no-deps geffnet==1.0.2"  # --no-deps: geffnet d
 # Fields shown in a configuration's label even at their default value; the rest only when changed.
 _ALWAYS_SHOWN = ("norm", "batch", "threads", "channels_last")
 _NEVER_SHOWN = ("model", "res", "steps", "warmup", "num_classes", "mode")
-_DATA_FIELDS = ("data_path", "workers", "draft", "data_images", "jpeg_size")
+_DATA_FIELDS = ("data_path", "workers", "draft", "decoder", "resampler", "data_images", "jpeg_size")
 _MODEL_FIELDS = ("norm", "group_size", "expand_ratio", "channels_last", "precision", "impl", "fold_bn",
                  "compile", "proxy_impl", "threads")
 
@@ -49,7 +49,9 @@ class BenchConfig:
     mode "data" times the training data loader instead of the model: RandomResizedCrop to `res`, flip,
     uint8 batches of `batch`, from `data_path` (an ImageNet-style folder with train/<class>/<image>) or,
     without it, from `data_images` generated JPEGs of `jpeg_size` ("WIDTHxHEIGHT") in a temporary folder;
-    `draft=False` decodes every JPEG at full size before resizing (the comparison for reduced-scale decoding).
+    `draft=False` decodes every JPEG at full size before resizing (the comparison for reduced-scale decoding);
+    `decoder` and `resampler` are `data.jpeg_decoder` and `data.resampler` (data/decode.py): "pillow" for
+    both, with draft=False, is the plain decode-everything-then-resize baseline.
     """
 
     model: str = "efficientnet_b0_g16"
@@ -73,14 +75,18 @@ class BenchConfig:
     data_path: Optional[str] = None
     workers: int = 0
     draft: bool = True
+    decoder: str = "auto"
+    resampler: str = "auto"
     data_images: int = 64
     jpeg_size: str = "500x375"
 
     def validate(self) -> BenchConfig:
         """Cheap checks (no torch import); raises UsageError naming the option."""
+        from ipu_effnet.config import JPEG_DECODERS, RESAMPLERS
         from norms import as_norm_spec
 
-        for key, valid in (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS), ("impl", IMPLS)):
+        for key, valid in (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS), ("impl", IMPLS),
+                           ("decoder", JPEG_DECODERS), ("resampler", RESAMPLERS)):
             if getattr(self, key) not in valid:
                 raise UsageError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(valid)}")
         try:
@@ -442,7 +448,10 @@ def _data_workload(cfg: BenchConfig) -> Workload:
         root = cfg.data_path
     else:
         root = generated_jpeg_folder(cfg.data_images, *cfg.jpeg_dims())
-    dataset = ImageFolderDataset(root, "train", transform=TrainTransform(res, draft=cfg.draft))
+    from ipu_effnet.data.decode import resolve_resampler
+
+    transform = TrainTransform(res, draft=cfg.draft, decoder=cfg.decoder, resampler=cfg.resampler)
+    dataset = ImageFolderDataset(root, "train", transform=transform)
     cycle = _Cycle(dataset, 10 ** 6)
     loader = create_loader(cycle, cfg.batch, train=True, workers=cfg.workers, seed=0,
                            pin_memory=cfg.device == "cuda")
@@ -457,7 +466,9 @@ def _data_workload(cfg: BenchConfig) -> Workload:
     def end() -> None:
         state.pop("it", None)  # dropping the iterator shuts its workers down
 
-    info = {"images": len(dataset), "workers": cfg.workers, "data_path": cfg.data_path or "(generated)"}
+    info = {"images": len(dataset), "workers": cfg.workers, "data_path": cfg.data_path or "(generated)",
+            "decoder": transform.decoder,
+            "resampler": resolve_resampler(cfg.resampler, in_worker=cfg.workers > 0 or cfg.threads == 1)}
     return Workload(cfg, res, step, info, begin=begin, end=end)
 
 
@@ -779,7 +790,9 @@ def format_report(report: BenchReport) -> str:
                      f"spread {r.spread:.1%}), {r.median_cpu:.2f} img/cpu-s  {label}")
         if r.config.mode == "data":
             lines.append(f"    {r.per_worker()['median_per_worker']:.2f} img/s per worker "
-                         f"({r.config.workers} worker(s); 0 = in the main process, counted as one)")
+                         f"({r.config.workers} worker(s); 0 = in the main process, counted as one); decoder "
+                         f"{r.info.get('decoder')}, resampler {r.info.get('resampler')}, "
+                         f"{'reduced-scale decoding' if r.config.draft else 'full-size decoding'}")
         if r.memory:
             lines.append("    " + _format_memory(r.memory))
     if report.ratio is not None:

@@ -63,6 +63,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ipu_effnet.config import DATASETS
+from ipu_effnet.data.decode import open_jpeg
 from ipu_effnet.data.transforms import (
     BILINEAR,
     EvalTransform,
@@ -123,6 +124,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
                   Image.DecompressionBombError)
 _MAX_SUBSTITUTES = 32  # consecutive unreadable samples tried before __getitem__ gives up
 _SHOW = 5  # unreadable files named in a message
+_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")  # read by the fast decoder's own header parser
 
 
 def _first_line(exc: BaseException) -> str:
@@ -410,6 +412,10 @@ class ImageFolderDataset(_Seedable, Dataset):
                         "unreadable; check the data folder (data.path)")
 
     def _load(self, path: str) -> torch.Tensor:
+        if getattr(self.transform, "decoder", None) == "simplejpeg" and path.lower().endswith(_JPEG_SUFFIXES):
+            jpeg = open_jpeg(path)  # None: not a plain JPEG after all; Pillow opens it below
+            if jpeg is not None:
+                return self.transform(jpeg, self.rng)
         with Image.open(path) as img:
             img = prepare_mode(img)
             if self.transform is None:
@@ -571,7 +577,12 @@ def create_dataset(data_cfg: DataConfig, split: str, resolution: int, train: boo
         if not data_cfg.path:
             raise DataError("data.path is not set; the imagenet dataset needs a folder with "
                             "train/<class>/<image> and validation/<class>/<image> (or val/)")
-        transform = TrainTransform(resolution, randaugment=randaugment) if train else EvalTransform(resolution)
+        decoder = getattr(data_cfg, "jpeg_decoder", "auto")
+        if train:
+            transform = TrainTransform(resolution, randaugment=randaugment, decoder=decoder,
+                                       resampler=getattr(data_cfg, "resampler", "auto"))
+        else:
+            transform = EvalTransform(resolution, decoder=decoder)
         dataset = ImageFolderDataset(data_cfg.path, split, transform, limit=limit,
                                      max_corrupt_fraction=getattr(data_cfg, "max_corrupt_fraction",
                                                                   DEFAULT_MAX_CORRUPT_FRACTION),

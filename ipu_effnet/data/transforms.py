@@ -15,6 +15,11 @@ out of ~400 x 350 ImageNet images, or far larger photographs) is not bound by JP
 decoded image keeps enough pixels for the crop, so the output differs from a full decode only by the
 difference between the DCT's and Pillow's box-like downsampling.
 
+Two further fast paths (`data/decode.py`) are chosen per transform: the JPEG decoder (`decoder`:
+simplejpeg, the same pixels as Pillow with less overhead) and, for training crops, the resampler
+(`resampler`: torch's uint8 antialiased bilinear kernel, or Pillow's). Both default to "auto" in the
+training transform; evaluation keeps Pillow's resampler so that its fractional crop box stays exact.
+
 A transform is called as `transform(img, rng)`: `img` a PIL image as `Image.open` returns it (not yet
 decoded, so that the draft can take effect), `rng` a `random.Random` (None: the `random` module), so that
 a dataset can own its random stream and the loader can seed it per worker and epoch.
@@ -30,12 +35,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ipu_effnet.data.decode import (
+    Box,
+    JpegFile,
+    decode_jpeg_file,
+    draft_scale,
+    resize_array,
+    resolve_decoder,
+    resolve_resampler,
+)
+
 __all__ = [
     "BILINEAR",
     "EVAL_CROP_FRACTION",
     "Box",
     "EvalTransform",
     "TrainTransform",
+    "crop_resize",
     "decode_region",
     "eval_crop_box",
     "random_resized_crop_box",
@@ -44,12 +60,8 @@ __all__ = [
     "to_uint8_tensor",
 ]
 
-Box = Tuple[float, float, float, float]  # (left, upper, right, lower) in pixels, Pillow's convention
-
 BILINEAR = getattr(Image, "Resampling", Image).BILINEAR  # Image.Resampling from Pillow 9.1
-_FLIP_LEFT_RIGHT = getattr(Image, "Transpose", Image).FLIP_LEFT_RIGHT
 EVAL_CROP_FRACTION = 0.875  # 224 / 256: evaluation resizes the shorter side to res / 0.875
-_DRAFT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg's DCT scaling offers
 
 
 def to_uint8_tensor(img: Any) -> torch.Tensor:
@@ -116,19 +128,18 @@ def decode_region(img: Image.Image, box: Box, out_size: Tuple[int, int],
     the box in its coordinates. The draft keeps at least `out_size` pixels inside the box. draft=False
     always decodes at full size (the baseline `bench --mode data --vs draft=false` compares against)."""
     width, height = img.size
-    box_w, box_h = box[2] - box[0], box[3] - box[1]
-    # Decoded size for which the box still spans out_size pixels; draft picks the largest scale 1/s with
-    # size // s >= this, so the decoded box is never smaller than out_size.
-    need = (math.ceil(width * out_size[0] / box_w), math.ceil(height * out_size[1] / box_h))
     reduction = 1.0
-    if draft and 2 * need[0] <= width and 2 * need[1] <= height:
-        drafted = img.draft("RGB", need)  # a no-op (None) for formats without reduced-scale decoding
+    scale = draft_scale(img.size, box, out_size) if draft else 1
+    if scale > 1:
+        # Asking for size // scale makes Pillow pick exactly 1/scale: its draft takes the largest
+        # reduction s with size // s >= the request.
+        drafted = img.draft("RGB", (width // scale, height // scale))  # None for formats without DCT scaling
         if img.size != (width, height):
             if isinstance(drafted, tuple) and drafted[1] and drafted[1][2]:
                 reduction = width / drafted[1][2]  # Pillow >= 7 reports the exact scale in the box
             else:
                 ratio = width / img.size[0]
-                reduction = float(min(_DRAFT_SCALES, key=lambda s: abs(s - ratio)))
+                reduction = float(min((1, 2, 4, 8), key=lambda s: abs(s - ratio)))
     img = img.convert("RGB") if img.mode != "RGB" else img
     img.load()
     dec_w, dec_h = img.size
@@ -141,6 +152,29 @@ def resize_region(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: 
     """The crop `box` of `img` resized (bilinear, antialiased) to `out_size`, drafting JPEGs first."""
     decoded, scaled = decode_region(img, box, out_size, draft)
     return decoded.resize(out_size, BILINEAR, box=scaled)
+
+
+def crop_resize(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: bool = True,
+                decoder: str = "pillow", resampler: str = "pillow") -> torch.Tensor:
+    """`resize_region` as a uint8 C x H x W tensor, through the chosen fast paths (data/decode.py):
+    `decoder` "simplejpeg" decodes file-backed JPEGs (others go to Pillow), `resampler` "torch" resizes
+    with torch's uint8 kernel on a box rounded to whole pixels. "pillow" and "pillow" is resize_region."""
+    arr = None
+    if decoder == "simplejpeg" or isinstance(img, JpegFile):
+        scale = draft_scale(img.size, box, out_size) if draft else 1
+        arr = decode_jpeg_file(img, scale)
+    if arr is None:
+        if isinstance(img, JpegFile):  # simplejpeg rejected it after all: Pillow decodes it or says why
+            img = img.pillow()
+        decoded, scaled = decode_region(img, box, out_size, draft)
+        if resampler != "torch":
+            return to_uint8_tensor(decoded.resize(out_size, BILINEAR, box=scaled))
+        arr = np.array(decoded)
+    else:  # the DCT scale is exactly 1/scale on both axes (the last row and column may be partial)
+        scaled = (box[0] / scale, box[1] / scale, min(arr.shape[1], box[2] / scale), min(arr.shape[0], box[3] / scale))
+    if resampler == "torch":
+        return resize_array(arr, scaled, out_size)
+    return to_uint8_tensor(Image.fromarray(arr).resize(out_size, BILINEAR, box=scaled))
 
 
 def random_translate(arr: np.ndarray, max_shift: int, rng: Optional[random.Random] = None,
@@ -167,9 +201,13 @@ class TrainTransform:
 
     def __init__(self, resolution: int, scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip_rate: float = 0.5,
-                 randaugment: Optional[Any] = None, draft: bool = True) -> None:
+                 randaugment: Optional[Any] = None, draft: bool = True, decoder: str = "auto",
+                 resampler: str = "auto") -> None:
         self.resolution = int(resolution)
         self.draft = bool(draft)  # reduced-scale JPEG decoding (decode_region); False only to measure it
+        self.decoder = resolve_decoder(decoder)  # data.jpeg_decoder
+        self.resampler = resampler  # data.resampler; "auto" is resolved per call (worker or not)
+        resolve_resampler(resampler, in_worker=True)  # a bad name or a missing kernel fails here, not in a worker
         self.randaugment = randaugment  # a data.randaugment.RandAugment applied after crop and flip, or None
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -178,31 +216,34 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
         rng = random if rng is None else rng
         box = random_resized_crop_box(img.size, self.scale, self.ratio, rng)
-        out = resize_region(img, box, (self.resolution, self.resolution), self.draft)
+        size = (self.resolution, self.resolution)
+        out = crop_resize(img, box, size, self.draft, self.decoder, resolve_resampler(self.resampler))
         if rng.random() < self.flip_rate:
-            out = out.transpose(_FLIP_LEFT_RIGHT)
-        if self.randaugment is not None:
-            out = self.randaugment(out, rng)
-        return to_uint8_tensor(out)
+            out = out.flip(-1)
+        if self.randaugment is not None:  # RandAugment works on PIL images
+            out = to_uint8_tensor(self.randaugment(Image.fromarray(out.permute(1, 2, 0).numpy()), rng))
+        return out
 
     def __repr__(self) -> str:
         return (f"TrainTransform(resolution={self.resolution}, scale={self.scale}, ratio={self.ratio}, "
-                f"flip_rate={self.flip_rate}, randaugment={self.randaugment!r})")
+                f"flip_rate={self.flip_rate}, randaugment={self.randaugment!r}, decoder={self.decoder!r}, "
+                f"resampler={self.resampler!r})")
 
 
 class EvalTransform:
     """Resize the shorter side to round(resolution / crop_fraction), centre-crop resolution x resolution."""
 
-    def __init__(self, resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> None:
+    def __init__(self, resolution: int, crop_fraction: float = EVAL_CROP_FRACTION, decoder: str = "auto") -> None:
         self.resolution = int(resolution)
         self.crop_fraction = float(crop_fraction)
+        self.decoder = resolve_decoder(decoder)  # the same pixels either way; Pillow resizes (exact box)
 
     def box(self, size: Tuple[int, int]) -> Box:
         return eval_crop_box(size, self.resolution, self.crop_fraction)
 
     def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
-        out = resize_region(img, self.box(img.size), (self.resolution, self.resolution))
-        return to_uint8_tensor(out)
+        return crop_resize(img, self.box(img.size), (self.resolution, self.resolution), decoder=self.decoder)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(resolution={self.resolution}, crop_fraction={self.crop_fraction})"
+        return (f"EvalTransform(resolution={self.resolution}, crop_fraction={self.crop_fraction}, "
+                f"decoder={self.decoder!r})")
