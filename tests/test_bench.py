@@ -154,11 +154,17 @@ def test_data_mode_on_a_jpeg_folder_draft_against_full_decode(tmp_path):
     _write_jpegs(tmp_path, 6)
     status, out, _ = _run(["bench", "--mode", "data", "--data-path", str(tmp_path), "--res", "32", "--batch", "2",
                            "--steps", "2", "--warmup", "1", "--repeats", "1", "--quiet", "--json",
-                           "--vs", "draft=false workers=1"])
+                           "--threads", "1", "--vs", "draft=false workers=1 decoder=pillow resampler=pillow"])
     assert status == 0
     report = json.loads(out)
     a, b = report["results"]
     assert (a["config"]["draft"], b["config"]["draft"]) == (True, False)
+    # what "auto" resolved to is reported: the fast paths for A (one thread), Pillow for the baseline B
+    from ipu_effnet.data.decode import jpeg_decoder_available, torch_resampler_available
+
+    assert a["decoder"] == ("simplejpeg" if jpeg_decoder_available() else "pillow")
+    assert a["resampler"] == ("torch" if torch_resampler_available() else "pillow")
+    assert (b["decoder"], b["resampler"]) == ("pillow", "pillow")
     assert a["images"] == b["images"] == 6 and a["resolution"] == 32 and b["workers"] == 1
     assert a["median_per_worker"] == pytest.approx(a["median"], rel=1e-3)  # 0 workers count as one
     assert b["median_per_worker"] == pytest.approx(b["median"], rel=1e-3)

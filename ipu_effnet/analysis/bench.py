@@ -36,7 +36,8 @@ GEFFNET_INSTALL = "pip install --no-deps geffnet==1.0.2"  # --no-deps: geffnet d
 # Fields shown in a configuration's label even at their default value; the rest only when changed.
 _ALWAYS_SHOWN = ("norm", "batch", "threads", "channels_last")
 _NEVER_SHOWN = ("model", "res", "steps", "warmup", "num_classes", "mode")
-_DATA_FIELDS = ("data_path", "workers", "draft", "decoder", "resampler", "data_images", "jpeg_size")
+_DATA_FIELDS = ("data_path", "preprocess", "workers", "draft", "decoder", "resampler", "data_images", "jpeg_size")
+PREPROCESSING = ("train", "eval")  # data mode: TrainTransform (random-resized crop + flip) or EvalTransform
 _MODEL_FIELDS = ("norm", "group_size", "expand_ratio", "channels_last", "precision", "impl", "fold_bn",
                  "compile", "proxy_impl", "threads")
 
@@ -51,7 +52,8 @@ class BenchConfig:
     without it, from `data_images` generated JPEGs of `jpeg_size` ("WIDTHxHEIGHT") in a temporary folder;
     `draft=False` decodes every JPEG at full size before resizing (the comparison for reduced-scale decoding);
     `decoder` and `resampler` are `data.jpeg_decoder` and `data.resampler` (data/decode.py): "pillow" for
-    both, with draft=False, is the plain decode-everything-then-resize baseline.
+    both, with draft=False, is the plain decode-everything-then-resize baseline. `preprocess="eval"` times
+    the evaluation preprocessing instead (resize to res / 0.875, centre crop; always the Pillow resampler).
     """
 
     model: str = "efficientnet_b0_g16"
@@ -73,6 +75,7 @@ class BenchConfig:
     fold_bn: bool = True  # inference: BatchNorm folded into the preceding convolution (models/fuse.py)
     compile: bool = False  # torch.compile the model (torch >= 2.0)
     data_path: Optional[str] = None
+    preprocess: str = "train"
     workers: int = 0
     draft: bool = True
     decoder: str = "auto"
@@ -86,7 +89,7 @@ class BenchConfig:
         from norms import as_norm_spec
 
         for key, valid in (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS), ("impl", IMPLS),
-                           ("decoder", JPEG_DECODERS), ("resampler", RESAMPLERS)):
+                           ("decoder", JPEG_DECODERS), ("resampler", RESAMPLERS), ("preprocess", PREPROCESSING)):
             if getattr(self, key) not in valid:
                 raise UsageError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(valid)}")
         try:
@@ -449,8 +452,14 @@ def _data_workload(cfg: BenchConfig) -> Workload:
     else:
         root = generated_jpeg_folder(cfg.data_images, *cfg.jpeg_dims())
     from ipu_effnet.data.decode import resolve_resampler
+    from ipu_effnet.data.transforms import EvalTransform
 
-    transform = TrainTransform(res, draft=cfg.draft, decoder=cfg.decoder, resampler=cfg.resampler)
+    if cfg.preprocess == "eval":
+        transform = EvalTransform(res, decoder=cfg.decoder, draft=cfg.draft)
+        resampler = "pillow"
+    else:
+        transform = TrainTransform(res, draft=cfg.draft, decoder=cfg.decoder, resampler=cfg.resampler)
+        resampler = resolve_resampler(cfg.resampler, in_worker=cfg.workers > 0 or cfg.threads == 1)
     dataset = ImageFolderDataset(root, "train", transform=transform)
     cycle = _Cycle(dataset, 10 ** 6)
     loader = create_loader(cycle, cfg.batch, train=True, workers=cfg.workers, seed=0,
@@ -467,8 +476,7 @@ def _data_workload(cfg: BenchConfig) -> Workload:
         state.pop("it", None)  # dropping the iterator shuts its workers down
 
     info = {"images": len(dataset), "workers": cfg.workers, "data_path": cfg.data_path or "(generated)",
-            "decoder": transform.decoder,
-            "resampler": resolve_resampler(cfg.resampler, in_worker=cfg.workers > 0 or cfg.threads == 1)}
+            "decoder": transform.decoder, "resampler": resampler}
     return Workload(cfg, res, step, info, begin=begin, end=end)
 
 
@@ -775,7 +783,9 @@ def format_report(report: BenchReport) -> str:
     what = {"train": "training step (forward + cross-entropy + backward + SGD)",
             "infer": "inference (forward, eval mode, no grad" + (", BatchNorm folded)" if first.config.fold_bn
                                                                  else ")"),
-            "data": "training data loader (decode, random-resized crop, flip, collate)"}[first.config.mode]
+            "data": ("training data loader (decode, random-resized crop, flip, collate)"
+                     if first.config.preprocess == "train" else
+                     "data loader with evaluation preprocessing (decode, resize, centre crop, collate)")}[first.config.mode]
     what += f"; {first.config.device} {first.config.precision}"
     env = report.environment
     order = ", alternating" if len(report.results) > 1 else ""

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data mode: loader worker processes (0: in the main process; default: 0)")
     parser.add_argument("--no-draft", dest="draft", action="store_false",
                         help="data mode: decode JPEGs at full size (default: reduced-scale decoding where it fits)")
+    parser.add_argument("--preprocess", choices=("train", "eval"), default="train",
+                        help="data mode: training (random-resized crop, flip) or evaluation (resize, centre crop) preprocessing")
     parser.add_argument("--decoder", choices=("auto", "pillow", "simplejpeg"), default="auto",
                         help="data mode: JPEG decoder (data.jpeg_decoder; auto: simplejpeg when installed)")
     parser.add_argument("--resampler", choices=("auto", "pillow", "torch"), default="auto",
@@ -79,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
                        warmup=args.warmup, threads=args.threads, channels_last=args.channels_last,
                        mode=args.mode, proxy_impl=args.proxy_impl, device=args.device, precision=args.precision,
                        fold_bn=args.fold_bn, compile=args.compile, data_path=args.data_path,
-                       workers=args.workers, draft=args.draft, decoder=args.decoder, resampler=args.resampler,
+                       workers=args.workers, preprocess=args.preprocess, draft=args.draft, decoder=args.decoder, resampler=args.resampler,
                        data_images=args.data_images,
                        jpeg_size=args.jpeg_size).validate()
 

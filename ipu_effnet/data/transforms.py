@@ -233,16 +233,18 @@ class TrainTransform:
 class EvalTransform:
     """Resize the shorter side to round(resolution / crop_fraction), centre-crop resolution x resolution."""
 
-    def __init__(self, resolution: int, crop_fraction: float = EVAL_CROP_FRACTION, decoder: str = "auto") -> None:
+    def __init__(self, resolution: int, crop_fraction: float = EVAL_CROP_FRACTION, decoder: str = "auto",
+                 draft: bool = True) -> None:
         self.resolution = int(resolution)
         self.crop_fraction = float(crop_fraction)
         self.decoder = resolve_decoder(decoder)  # the same pixels either way; Pillow resizes (exact box)
+        self.draft = bool(draft)  # reduced-scale JPEG decoding; False only to measure it
 
     def box(self, size: Tuple[int, int]) -> Box:
         return eval_crop_box(size, self.resolution, self.crop_fraction)
 
     def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
-        return crop_resize(img, self.box(img.size), (self.resolution, self.resolution), decoder=self.decoder)
+        return crop_resize(img, self.box(img.size), (self.resolution, self.resolution), self.draft, self.decoder)
 
     def __repr__(self) -> str:
         return (f"EvalTransform(resolution={self.resolution}, crop_fraction={self.crop_fraction}, "
