@@ -170,6 +170,9 @@ def test_data_mode_on_a_jpeg_folder_draft_against_full_decode(tmp_path):
     assert b["median_per_worker"] == pytest.approx(b["median"], rel=1e-3)
     assert a["memory"] is None and report["ratio"] == pytest.approx(b["median"] / a["median"], rel=1e-3)
     assert _run(["bench", "--mode", "data", "--data-path", str(tmp_path / "missing"), "--quiet"])[0] == 2
+    status, out, _ = _run(["bench", "--mode", "data", "--data-path", str(tmp_path), "--res", "32", "--batch", "2",
+                           "--steps", "1", "--warmup", "0", "--repeats", "1", "--quiet", "--preprocess", "eval"])
+    assert status == 0 and "evaluation preprocessing" in out and "resampler pillow" in out
 
 
 def test_draft_option_of_the_train_transform_decodes_at_full_size(tmp_path):

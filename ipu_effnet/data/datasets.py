@@ -11,6 +11,8 @@ imagenet
     uses the same mapping (and fails on a class that train does not have). Only when `train/` is absent
     (an evaluation-only copy) do the validation folders define the classes. Training applies
     `TrainTransform` (RandomResizedCrop + flip), evaluation `EvalTransform` (resize, centre crop).
+    With the simplejpeg decoder (`data.jpeg_decoder`) a `.jpg` file's bytes and header are read by
+    `decode.open_jpeg` instead of Pillow; whatever that does not take is opened by Pillow as before.
 
 generated
     Random uint8 images, any size and number of classes, for throughput runs and tests. Sample i is a
