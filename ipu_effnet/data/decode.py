@@ -44,10 +44,12 @@ __all__ = [
     "draft_scale",
     "jpeg_decoder_available",
     "open_jpeg",
+    "pillow_resize_array",
     "resize_array",
     "resolve_decoder",
     "resolve_resampler",
     "torch_resampler_available",
+    "whole_pixel_box",
 ]
 
 Box = Tuple[float, float, float, float]  # (left, upper, right, lower), Pillow's convention
@@ -186,17 +188,43 @@ def decode_jpeg_file(img, scale: int) -> Optional[np.ndarray]:
     return arr
 
 
-def resize_array(arr: np.ndarray, box: Box, out_size: Sequence[int]) -> torch.Tensor:
-    """The `box` of an H x W x C uint8 array resized (bilinear, antialiased) to `out_size` (width,
-    height) by torch, as a contiguous C x H x W uint8 tensor. The box is rounded to whole pixels."""
-    height, width = arr.shape[:2]
+def whole_pixel_box(box: Box, width: int, height: int) -> Tuple[int, int, int, int]:
+    """`box` rounded to whole pixels, clipped to a width x height image and at least one pixel wide."""
     left = min(max(int(round(box[0])), 0), width - 1)
     top = min(max(int(round(box[1])), 0), height - 1)
     right = min(max(int(round(box[2])), left + 1), width)
     lower = min(max(int(round(box[3])), top + 1), height)
+    return left, top, right, lower
+
+
+def resize_array(arr: np.ndarray, box: Box, out_size: Sequence[int]) -> torch.Tensor:
+    """The `box` of an H x W x C uint8 array resized (bilinear, antialiased) to `out_size` (width,
+    height) by torch, as a contiguous C x H x W uint8 tensor. The box is rounded to whole pixels."""
+    left, top, right, lower = whole_pixel_box(box, arr.shape[1], arr.shape[0])
     if not arr.flags.writeable:
         arr = np.array(arr)  # torch.from_numpy warns on read-only arrays (Pillow's __array_interface__)
     crop = torch.from_numpy(arr)[top:lower, left:right].permute(2, 0, 1).unsqueeze(0)
     out = torch.nn.functional.interpolate(crop, size=(int(out_size[1]), int(out_size[0])), mode="bilinear",
                                           antialias=True, align_corners=False)
     return out[0].contiguous()
+
+
+def pillow_resize_array(arr: np.ndarray, box: Box, out_size: Sequence[int], exact: bool = True):
+    """Pillow's bilinear resize of the `box` of an H x W x 3 uint8 array, as a PIL image. exact=False
+    hands Pillow only the part its filter reads (the box and a margin of its reduction factor + 2),
+    not the whole decoded image: the conversion to Pillow's layout is most of the cost, and the result
+    differs from the whole image's by at most one level (Pillow's filter weights, computed in floating
+    point from shifted coordinates, round differently at some pixels)."""
+    from PIL import Image
+
+    from ipu_effnet.data.transforms import BILINEAR
+
+    if exact:
+        return Image.fromarray(arr).resize(tuple(out_size), BILINEAR, box=box)
+    height, width = arr.shape[:2]
+    mx = math.ceil(max(1.0, (box[2] - box[0]) / out_size[0])) + 2
+    my = math.ceil(max(1.0, (box[3] - box[1]) / out_size[1])) + 2
+    left, top = max(0, math.floor(box[0]) - mx), max(0, math.floor(box[1]) - my)
+    right, lower = min(width, math.ceil(box[2]) + mx), min(height, math.ceil(box[3]) + my)
+    region = Image.fromarray(np.ascontiguousarray(arr[top:lower, left:right]))
+    return region.resize(tuple(out_size), BILINEAR, box=(box[0] - left, box[1] - top, box[2] - left, box[3] - top))

@@ -40,9 +40,11 @@ from ipu_effnet.data.decode import (
     JpegFile,
     decode_jpeg_file,
     draft_scale,
+    pillow_resize_array,
     resize_array,
     resolve_decoder,
     resolve_resampler,
+    whole_pixel_box,
 )
 
 __all__ = [
@@ -155,10 +157,12 @@ def resize_region(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: 
 
 
 def crop_resize(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: bool = True,
-                decoder: str = "pillow", resampler: str = "pillow") -> torch.Tensor:
+                decoder: str = "pillow", resampler: str = "pillow", exact: bool = True) -> torch.Tensor:
     """`resize_region` as a uint8 C x H x W tensor, through the chosen fast paths (data/decode.py):
     `decoder` "simplejpeg" decodes file-backed JPEGs (others go to Pillow), `resampler` "torch" resizes
-    with torch's uint8 kernel on a box rounded to whole pixels. "pillow" and "pillow" is resize_region."""
+    with torch's uint8 kernel on a box rounded to whole pixels. With "pillow" for both, or with `exact`
+    and the Pillow resampler, the result is resize_region's bit for bit; exact=False (training) lets
+    Pillow resize only the region of a simplejpeg-decoded array it reads (within one level)."""
     arr = None
     if decoder == "simplejpeg" or isinstance(img, JpegFile):
         scale = draft_scale(img.size, box, out_size) if draft else 1
@@ -169,12 +173,15 @@ def crop_resize(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: bo
         decoded, scaled = decode_region(img, box, out_size, draft)
         if resampler != "torch":
             return to_uint8_tensor(decoded.resize(out_size, BILINEAR, box=scaled))
-        arr = np.array(decoded)
-    else:  # the DCT scale is exactly 1/scale on both axes (the last row and column may be partial)
-        scaled = (box[0] / scale, box[1] / scale, min(arr.shape[1], box[2] / scale), min(arr.shape[0], box[3] / scale))
+        # only the crop leaves Pillow: converting the whole decoded image would cost more than the resize
+        left, top, right, lower = whole_pixel_box(scaled, *decoded.size)
+        crop = np.array(decoded.crop((left, top, right, lower)))
+        return resize_array(crop, (0, 0, right - left, lower - top), out_size)
+    # the DCT scale is exactly 1/scale on both axes (the last row and column may be partial)
+    scaled = (box[0] / scale, box[1] / scale, min(arr.shape[1], box[2] / scale), min(arr.shape[0], box[3] / scale))
     if resampler == "torch":
         return resize_array(arr, scaled, out_size)
-    return to_uint8_tensor(Image.fromarray(arr).resize(out_size, BILINEAR, box=scaled))
+    return to_uint8_tensor(pillow_resize_array(arr, scaled, out_size, exact))
 
 
 def random_translate(arr: np.ndarray, max_shift: int, rng: Optional[random.Random] = None,
@@ -217,7 +224,7 @@ class TrainTransform:
         rng = random if rng is None else rng
         box = random_resized_crop_box(img.size, self.scale, self.ratio, rng)
         size = (self.resolution, self.resolution)
-        out = crop_resize(img, box, size, self.draft, self.decoder, resolve_resampler(self.resampler))
+        out = crop_resize(img, box, size, self.draft, self.decoder, resolve_resampler(self.resampler), exact=False)
         if rng.random() < self.flip_rate:
             out = out.flip(-1)
         if self.randaugment is not None:  # RandAugment works on PIL images
