@@ -66,7 +66,7 @@ from .act import get_act
 from .proxy_ops import check_impl, default_impl, group_norm_act_scale_shift, proxy_moments, proxy_scale_shift
 from .spec import NormSpec
 
-__all__ = ["GroupNormScale", "ProxyNormAct", "make_proxy_norm_act", "standard_normal_quantiles"]
+__all__ = ["FrozenProxyNormAct", "GroupNormScale", "ProxyNormAct", "make_proxy_norm_act", "standard_normal_quantiles"]
 
 
 def standard_normal_quantiles(num_points: int, dtype: torch.dtype = torch.float32,
@@ -165,6 +165,36 @@ class ProxyNormAct(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}, proxy_eps={self.proxy_eps}, "
                 f"points={self.num_points}, impl={self.impl}")
+
+    @torch.no_grad()
+    def frozen(self) -> FrozenProxyNormAct:
+        """An inference-only copy with the proxy's scale and shift computed once (see FrozenProxyNormAct)."""
+        s, t = self.proxy_scale_shift()
+        return FrozenProxyNormAct(self.num_groups, self.weight, self.bias, self.eps, self.act, s, t, self.impl)
+
+
+class FrozenProxyNormAct(nn.Module):
+    """ProxyNormAct for inference: the same GroupNorm, affine, activation and scale-and-shift, with the
+    proxy's per-channel s and t stored instead of recomputed. They depend on the parameters only, so in a
+    model that no longer trains they are constants, and recomputing them cost every forward a few hundred
+    small ops (18 ms per B0-G16 forward with one thread here, 17 % of a batch-1 inference). Outputs equal
+    the live module's bit for bit. Holds only buffers: nothing here trains."""
+
+    def __init__(self, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, act: nn.Module,
+                 s: torch.Tensor, t: torch.Tensor, impl: str) -> None:
+        super().__init__()
+        self.num_groups, self.eps, self.act, self.impl = num_groups, eps, act, impl
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+        self.register_buffer("scale", s.detach().clone())
+        self.register_buffer("shift", t.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_act_scale_shift(x, self.num_groups, self.weight, self.bias, self.eps, self.act,
+                                          self.scale, self.shift, self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, groups={self.num_groups}, eps={self.eps}, impl={self.impl}, frozen"
 
 
 class GroupNormScale(nn.Module):

@@ -66,3 +66,33 @@ def test_models_without_batchnorm_keep_their_norms():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(folded(x), model(x))
+
+
+@pytest.mark.parametrize("kind", ["layer+proxy", "group+proxy"])
+def test_frozen_proxy_norm_gives_the_live_outputs_without_recomputing_its_statistics(kind, monkeypatch):
+    from ipu_effnet.models.fuse import inference_copy
+    from norms.proxy import FrozenProxyNormAct, ProxyNormAct
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_tiny", norm=kind, num_classes=10).eval()
+    # trained-looking proxy parameters: at their initial zeros every site would have the same s and t
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, ProxyNormAct):
+            for p in (m.weight, m.bias, m.proxy_weight, m.proxy_bias):
+                p.data.add_(torch.rand(p.shape, generator=g) * 0.4 - 0.2)
+    live_sites = sum(isinstance(m, ProxyNormAct) for m in model.modules())
+    fast = inference_copy(model)
+    assert live_sites > 0 and sum(isinstance(m, ProxyNormAct) for m in fast.modules()) == 0
+    assert sum(isinstance(m, FrozenProxyNormAct) for m in fast.modules()) == live_sites
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        calls = []
+        original = ProxyNormAct.proxy_scale_shift
+        monkeypatch.setattr(ProxyNormAct, "proxy_scale_shift", lambda self: calls.append(1) or original(self))
+        got = fast(x)
+    assert calls == []  # nothing recomputes the statistics in the frozen copy
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert sum(isinstance(m, ProxyNormAct) for m in model.modules()) == live_sites  # the original is untouched
+    assert not list(fast.parameters()) or all(not p.requires_grad for p in fast.parameters())

@@ -72,7 +72,7 @@ class BenchConfig:
     device: str = "cpu"
     precision: str = "fp32"  # bf16 / fp16: autocast (fp16 on CUDA only); weights and optimiser stay fp32
     impl: str = "ours"
-    fold_bn: bool = True  # inference: BatchNorm folded into the preceding convolution (models/fuse.py)
+    fold_bn: bool = True  # inference: BatchNorm folded, Proxy Norm's statistics frozen (models/fuse.py)
     compile: bool = False  # torch.compile the model (torch >= 2.0)
     data_path: Optional[str] = None
     preprocess: str = "train"
@@ -331,17 +331,18 @@ def _train_workload(cfg: BenchConfig) -> Workload:
 
 
 def _inference_model(model, cfg: BenchConfig):
-    """The eval-mode model inference runs: BatchNorm folded into the convolutions (ours, fold_bn)."""
+    """The eval-mode model inference runs: ours with BatchNorm folded into the convolutions and Proxy
+    Norm's statistics frozen (`models.fuse.inference_copy`) unless fold_bn=False."""
     model.eval()
     if cfg.fold_bn and cfg.impl == "ours":
-        from ipu_effnet.models.fuse import fold_batchnorm
+        from ipu_effnet.models.fuse import inference_copy
 
-        model = fold_batchnorm(model)
+        model = inference_copy(model)
     return model
 
 
 def _infer_workload(cfg: BenchConfig) -> Workload:
-    """Forward only, eval mode, under torch.no_grad() (BatchNorm folded unless fold_bn=False)."""
+    """Forward only, eval mode, under torch.no_grad() (models.fuse.inference_copy unless fold_bn=False)."""
     import torch
 
     model, images, res = _build_model(cfg)
@@ -781,7 +782,7 @@ def format_report(report: BenchReport) -> str:
     """Human text: one line per configuration, then the ratio B/A."""
     first = report.results[0]
     what = {"train": "training step (forward + cross-entropy + backward + SGD)",
-            "infer": "inference (forward, eval mode, no grad" + (", BatchNorm folded)" if first.config.fold_bn
+            "infer": "inference (forward, eval mode, no grad" + (", BatchNorm folded, Proxy Norm frozen)" if first.config.fold_bn
                                                                  else ")"),
             "data": ("training data loader (decode, random-resized crop, flip, collate)"
                      if first.config.preprocess == "train" else

@@ -1,4 +1,5 @@
-"""Inference-only rewrites of a trained model: BatchNorm folded into the preceding convolution.
+"""Inference-only rewrites of a trained model: BatchNorm folded into the preceding convolution, and
+Proxy Norm's statistics computed once (`inference_copy` does both).
 
 In eval mode BatchNorm is a fixed per-channel affine, y = (x - mean) / sqrt(var + eps) * gamma + beta,
 so a convolution followed by it equals one convolution with weight W * s and bias beta - mean * s
@@ -6,8 +7,12 @@ so a convolution followed by it equals one convolution with weight W * s and bia
 activation (norms/layers.py), so a folded site becomes conv-with-bias followed by the module's own
 activation; the BatchNorm pass over the activations disappears.
 
-    from ipu_effnet.models.fuse import fold_batchnorm
-    fast = fold_batchnorm(model)   # an eval-only copy; `model` is left as it was
+    from ipu_effnet.models.fuse import inference_copy
+    fast = inference_copy(model)   # an eval-only copy; `model` is left as it was
+
+Proxy Norm's scale and shift (norms/proxy.py) depend on its parameters only, so once a model no longer
+trains they are constants: `freeze_proxy_norm` replaces each ProxyNormAct with a FrozenProxyNormAct
+that stores them (bitwise the same outputs) instead of recomputing them in every forward.
 
 Only BatchNormAct2d sites directly after a convolution in our blocks are folded (the stem and head
 ConvNormAct, MBConv's three and Fused-MBConv's two); GroupNorm, LayerNorm and Proxy Norm depend on the
@@ -25,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from norms import BatchNormAct2d
+from norms.proxy import ProxyNormAct
 
 from .blocks import ConvNormAct, FusedMBConv, MBConv, SqueezeExcite
 
@@ -87,6 +93,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded
+
+
+def freeze_proxy_norm(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ProxyNormAct of `model` by its frozen inference form; returns `model`."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ProxyNormAct):
+                setattr(module, name, child.frozen())
+    return model
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy for inference only: BatchNorm folded (`fold_batchnorm`) and Proxy Norm's
+    statistics frozen (`freeze_proxy_norm`). GroupNorm and LayerNorm stay as they are."""
+    return freeze_proxy_norm(fold_batchnorm(model))
 
 
 def count_batchnorm(model: nn.Module) -> int:
