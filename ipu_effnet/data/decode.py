@@ -115,7 +115,9 @@ def resolve_resampler(name: str, in_worker: Optional[bool] = None) -> str:
     if name != "auto":
         return name
     if in_worker is None:
-        in_worker = torch.utils.data.get_worker_info() is not None
+        from torch.utils.data import get_worker_info
+
+        in_worker = get_worker_info() is not None
     if torch_resampler_available() and (in_worker or torch.get_num_threads() == 1):
         return "torch"
     return "pillow"
