@@ -269,3 +269,43 @@ def test_config_key_is_validated():
     for bad in ("-1", "many", "2.5"):
         with pytest.raises(UsageError, match="bn_recalibration_batches"):
             apply_overrides(Config(), [f"train.bn_recalibration_batches={bad}"])
+
+
+LOOP = [
+    "model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4", "model.group_size=16",
+    "model.drop_rate=0.0", "model.drop_path_rate=0.0", "data.num_train=16", "data.num_val=4",
+    "train.micro_batch=4", "train.epochs=1", "train.ema_decay=0.9", "logging.progress=false",
+]
+
+
+def test_the_loop_recomputes_the_averages_statistics_and_stores_them_in_the_final_checkpoint(tmp_path):
+    from pathlib import Path
+
+    from ipu_effnet.config import load
+    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint, rebuild_model
+    from ipu_effnet.training.loop import train
+
+    root = Path(__file__).resolve().parents[1]
+    logged = []
+    cfg = load(root / "configs" / "tiny-cpu.yaml", LOOP + ["norm.kind=batch", "train.bn_recalibration_batches=3"])
+    summary = train(cfg, tmp_path / "bn", log=logged.append)
+    assert summary["averaged_bn_stats"] == "recomputed" and summary["bn_recalibration_images"] == 3 * 4
+    assert any("epoch average: BatchNorm statistics recomputed over 12" in m for m in logged)
+    assert any("ema average: BatchNorm statistics recomputed" in m for m in logged)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "bn"))
+    for name in ("epoch", "ema"):
+        entry = ckpt["averagers"][name]
+        assert entry["bn_stats"] and entry["bn_stats_at"] == entry["num_updates"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # current statistics: no stale-statistics warning
+        model = rebuild_model(ckpt, averager="epoch")
+    key = next(k for k in ckpt["averagers"]["epoch"]["bn_stats"] if k.endswith("running_var"))
+    assert torch.equal(model.state_dict()[key], ckpt["averagers"]["epoch"]["bn_stats"][key])
+    assert not torch.equal(model.state_dict()[key], ckpt["averagers"]["epoch"]["average"][key])
+
+    # GroupNorm: nothing recomputed, nothing stored
+    cfg = load(root / "configs" / "tiny-cpu.yaml", LOOP + ["norm.kind=group"])
+    summary = train(cfg, tmp_path / "gn", log=lambda _m: None)
+    assert summary["averaged_bn_stats"] is None and summary["bn_recalibration_images"] == 0
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "gn"))
+    assert not ckpt["averagers"]["epoch"]["bn_stats"] and not ckpt["averagers"]["ema"]["bn_stats"]
