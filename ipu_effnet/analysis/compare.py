@@ -503,13 +503,17 @@ def format_summary(result: CompareResult) -> str:
 
 def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
     """The sentence under the table that says what "peak mem (MB)" measured."""
+    from ipu_effnet.analysis.bench import MEMORY_STEPS
+
     kinds = {r.get("memory_kind") for r in rows}
     parts = []
     if "vmhwm" in kinds:
         built = [r["built_memory_mb"] for r in rows if r.get("memory_kind") == "vmhwm" and r.get("built_memory_mb")]
-        span = f"{min(built):.0f}-{max(built):.0f} MB" if built else "most"
+        low, high = (f"{min(built):.0f}", f"{max(built):.0f}") if built else ("", "")
+        span = "most" if not built else f"{low} MB" if low == high else f"{low}-{high} MB"
         parts.append("peak mem (CPU): the peak resident memory (VmHWM) of a fresh Python process that builds the "
-                     "recipe's network from its checkpoint's model_args and runs 2 inference steps, as `bench` "
+                     f"recipe's network from its checkpoint's model_args and runs {MEMORY_STEPS} inference steps, "
+                     "as `bench` "
                      f"measures it; the interpreter and torch are included ({span} of it before the first step, "
                      "built_memory_mb in compare.csv), so the differences between rows are what the networks and "
                      "their activations need.")
