@@ -327,7 +327,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         if backend == "ipu":  # would need a third poptorch program (BN in train mode, no optimiser); not yet
             if not bn_skip_said:
                 say("train.bn_recalibration_batches: not done on the ipu backend; the averaged model keeps its "
-                    "averaged BatchNorm statistics (recompute them with `evaluate`/`finetune` on torch)")
+                    "averaged BatchNorm statistics (evaluate/finetune/sweep --averaged warn that they are stale)")
                 bn_skip_said.append(True)
             return
         loader = train_loader
