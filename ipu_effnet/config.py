@@ -175,6 +175,13 @@ class TrainConfig:
     seed: int = option(0, ge=0)
     weight_avg_decay: float = option(0.97, ge=0, le=1)  # exponential average over per-epoch checkpoints
     ema_decay: Optional[float] = option(None, ge=0, lt=1)  # set: also a per-step EMA of the weights
+    # BatchNorm statistics of the averaged weights (and EMA) recomputed at the phase's end over this many
+    # micro-batches of the phase's own training loader per process (0: off; ignored without BatchNorm).
+    # Training images with the training transform, as SWA's update_bn: the averaged weights were trained
+    # on that distribution, and its statistics are the ones the stale averages were estimates of, so the
+    # averaged model is evaluated under the same train/test conditions as the final one (the evaluation
+    # transform at the test size would be test-time adaptation). 100 x micro-batch 32 = 3,200 images.
+    bn_recalibration_batches: int = option(100, ge=0)
     checkpoint_every: int = option(1, ge=1)  # epochs
     keep_checkpoints: int = option(3, ge=1)  # newest checkpoints kept in the run directory
     max_bad_steps: int = option(20, ge=1)  # consecutive non-finite steps fp16 loss scaling may skip before the run stops

@@ -2,6 +2,7 @@
 interrupted mid-matrix that, rerun, does not train its completed runs again."""
 
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
@@ -28,7 +29,8 @@ data: {{dataset: generated, num_train: 16, num_val: 8, workers: 0}}
 train: {{epochs: 1, micro_batch: 8, optimizer: sgd, lr: 0.05, lr_schedule: cosine, warmup_epochs: 0}}
 logging: {{progress: false, log_every: 1}}
 """
-BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0)
+# memory off: each CPU measurement is a fresh process (~2 s); the tests that check it turn it on
+BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, memory=False)
 
 
 def test_pareto_front_on_hand_made_points():
@@ -91,9 +93,10 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
         assert float(r["run_train_images_per_sec"]) > 0  # the run's own average, kept beside it
         assert 0.0 <= float(r["top1"]) <= 1.0
         assert int(r["best_resolution"]) in (32, 40)
+        assert r["peak_memory_mb"] == "" and r["memory_kind"] == ""  # memory off: not measured
     assert [r["norm"] for r in rows] == ["group", "layer"]
     md = (out / "compare.md").read_text()
-    assert "| tiny-group |" in md and "GMACs train" in md
+    assert "| tiny-group |" in md and "GMACs train" in md and "not measured" in md
     text = format_summary(result)
     assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
 
@@ -109,7 +112,15 @@ def test_an_interrupted_run_is_resumed(tmp_path):
     out = tmp_path / "cmp"
     rs = recipes(tmp_path, norms=("group",))
     run_dir = out / "runs" / "tiny-group"
-    compare(rs, out, sweep_resolutions=[32], bench=BENCH, progress=False, log=lambda _m: None)
+    compare(rs, out, sweep_resolutions=[32], bench=dataclasses.replace(BENCH, memory=True), progress=False,
+            log=lambda _m: None)
+    # peak memory as bench measures it: a fresh process's VmHWM, interpreter and torch included
+    with open(out / "compare.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["memory_kind"] == "vmhwm" and "VmHWM" in row["memory_method"]
+    assert float(row["peak_memory_mb"]) >= float(row["built_memory_mb"]) > 50
+    md = (out / "compare.md").read_text()
+    assert "VmHWM" in md and "fresh Python process" in md and "not measured" not in md
     (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
     assert run_state(run_dir) == "partial"
     calls = []
@@ -172,3 +183,18 @@ def test_training_speed_is_measured_with_the_recipes_taking_turns(monkeypatch):
     assert order == [32, 16, 32, 16, 32, 16]
     assert got == [20.0, 200.0]
     assert not torch.equal(before, jobs[0]["model"].classifier.weight)
+
+
+def test_inference_memory_comes_from_a_fresh_process_and_grows_with_the_batch():
+    """compare's CPU memory figure is bench's: the VmHWM of a fresh process per measurement, so a larger
+    inference batch reports a larger peak (in this process the high-water mark would hide it)."""
+    from ipu_effnet.analysis.compare import measure_inference_memory
+    from ipu_effnet.models import create_model
+
+    args = create_model("efficientnet_tiny", num_classes=4, norm="group").model_args
+    small = measure_inference_memory(args, 64, BenchSettings(batch=1, threads=1))
+    large = measure_inference_memory(args, 64, BenchSettings(batch=96, threads=1))
+    for m in (small, large):
+        assert "VmHWM" in m["method"] and m["peak_rss_mb"] >= m["built_rss_mb"] > 50
+    assert large["steps_rss_mb"] > small["steps_rss_mb"] + 10
+    assert large["peak_rss_mb"] > small["peak_rss_mb"] + 10

@@ -104,8 +104,15 @@ before = model[0].weight.detach().clone()
 comm.broadcast_module(model)
 sums = comm.all_reduce_sum({"samples": 10.0 + instance, "correct": float(instance)})
 seed = comm.broadcast_object(1000 + instance)
-torch.save({"weight": model[0].weight.detach(), "before": before,
-            "running_mean": model[1].running_mean}, out + ".pt")
+from ipu_effnet.training.bn_stats import recalibrate_batchnorm
+g = torch.Generator().manual_seed(7)
+shards = [[torch.randn(4, 3, 6, 6, generator=g) + k for k in range(n)] for n in (2, 3)]  # 2 and 3 batches
+shared_state = {k: v.clone() for k, v in model.state_dict().items()}
+recalibrate_batchnorm(model, shards[instance], num_batches=10, collectives=comm)
+torch.save({"weight": model[0].weight.detach(), "before": before, "running_mean": shared_state["1.running_mean"],
+            "state": shared_state,
+            "bn_mean": model[1].running_mean.clone(), "bn_var": model[1].running_var.clone(),
+            "batches": shards[0] + shards[1]}, out + ".pt")
 json.dump({"sums": sums, "seed": seed, "name": comm.name}, open(out + ".json", "w"))
 """
 
@@ -127,3 +134,14 @@ def test_two_poprun_instances_share_weights_metrics_and_seed_through_gloo(tmp_pa
     assert not torch.equal(tensors[0]["before"], tensors[1]["before"])
     assert torch.equal(tensors[1]["weight"], tensors[0]["before"])  # instance 0's weights everywhere
     assert torch.equal(tensors[1]["running_mean"], torch.zeros(4))  # buffers as well
+    # BatchNorm recalibration over two shards (2 and 3 batches) through all_reduce_sum_tensor: both
+    # instances end with the statistics one process computes over all five batches
+    from ipu_effnet.training.bn_stats import recalibrate_batchnorm
+
+    alone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    alone.load_state_dict(tensors[0]["state"])
+    recalibrate_batchnorm(alone, tensors[0]["batches"], num_batches=10)
+    assert not torch.equal(alone[1].running_var, torch.ones(4))
+    for r in tensors:
+        torch.testing.assert_close(r["bn_mean"], alone[1].running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["bn_var"], alone[1].running_var, rtol=1e-5, atol=1e-6)

@@ -433,6 +433,22 @@ def test_the_package_never_imports_the_double():
         assert "poptorch_double" not in path.read_text(), path
 
 
+def test_bn_recalibration_is_a_logged_skip_on_the_ipu_backend(poptorch, tmp_path):
+    """Recomputing the average's BatchNorm statistics would need a third poptorch program: the loop says
+    it skips, and the summary and checkpoint say the statistics are the averaged ones."""
+    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
+    from ipu_effnet.training.loop import train
+
+    cfg = tiny_cfg("model.resolution=32", "model.num_classes=4", "model.group_size=16", "norm.kind=batch",
+                   "data.num_train=8", "data.num_val=4", "train.micro_batch=4", "train.epochs=1",
+                   "logging.progress=false")
+    logged = []
+    summary = train(cfg, tmp_path, log=logged.append)
+    assert summary["averaged_bn_stats"] == "averaged" and summary["bn_recalibration_images"] == 0
+    assert sum("not done on the ipu backend" in m for m in logged) == 1
+    assert not load_checkpoint(latest_checkpoint(tmp_path))["averagers"]["epoch"]["bn_stats"]
+
+
 def test_the_training_loop_runs_on_the_ipu_backend(poptorch, tmp_path):
     """train() with backend=ipu: the runner, host-side weight sync, evaluation and checkpoints, end to end
     through the double (which runs the model eagerly on the CPU)."""

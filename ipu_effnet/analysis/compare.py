@@ -15,7 +15,8 @@ Layout of `out_dir`:
 
 A run with summary.json is complete and is not trained again; one with checkpoints but no summary was
 interrupted and is resumed; its sweep is reused while sweep.csv is newer than summary.json. Inference
-speed and memory, and the training step's speed, are measured again on every call, for all recipes with
+speed and memory, and the training step's speed, are measured again on every call (inference memory on
+the CPU as `bench` measures it: the VmHWM of a fresh process per recipe, `measure_inference_memory`), for all recipes with
 the same settings (training: the recipes take turns, round by round), so that one table's numbers come
 from one machine in one state; "train img/s (run)" is the average the run itself saw while training.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +70,8 @@ class Recipe:
 
 @dataclass
 class BenchSettings:
-    """The speed measurements, identical for every recipe of one comparison: inference (batch, steps,
-    warm-up) and the training step (`train_rounds` rounds over all recipes in turn, each of
+    """The measurements, identical for every recipe of one comparison: inference (batch, steps,
+    warm-up, and its peak memory) and the training step (`train_rounds` rounds over all recipes in turn, each of
     `train_warmup` + `train_steps` steps at the recipe's own training resolution and micro-batch)."""
 
     batch: int = 16
@@ -81,6 +81,7 @@ class BenchSettings:
     train_rounds: int = 5
     train_steps: int = 3
     train_warmup: int = 1
+    memory: bool = True  # peak memory of the inference (CPU: one fresh process per recipe, ~2 s each)
 
 
 @dataclass
@@ -183,46 +184,50 @@ def model_cost(model_args: Dict[str, Any], resolution: int) -> Dict[str, float]:
     return {"params": prof.params, "gmacs": prof.gmacs}
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        import resource
+def inference_memory_probe(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """Run in bench's fresh process (`bench.run_memory_probe`): the network built from a checkpoint's
+    `model_args` (fresh weights: memory does not depend on their values, and loading the checkpoint file
+    would add its size to the peak), eval mode, random images of `batch` x `resolution`, then
+    `bench.step_memory` over no-grad forward passes, the inference compare times."""
+    import torch
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    from ipu_effnet.analysis.bench import _set_threads, step_memory
+    from ipu_effnet.models import create_model_from_args
+
+    _set_threads(payload.get("threads"))
+    torch.manual_seed(0)
+    model = create_model_from_args(payload["model_args"]).eval()
+    res = int(payload["resolution"])
+    images = torch.randn(int(payload["batch"]), 3, res, res)
+
+    def step() -> None:
+        with torch.no_grad():
+            model(images)
+
+    return step_memory(step)
 
 
-class _PeakRSS:
-    """Samples this process's resident set size every `interval` seconds on a thread (CPU runs):
-    peak - baseline approximates the memory the measured work needed."""
+def measure_inference_memory(model_args: Dict[str, Any], resolution: int,
+                             settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
+    """Peak memory of inference with a checkpoint's network on the CPU, measured as `bench` measures it:
+    a fresh Python process per measurement reporting its VmHWM (`inference_memory_probe`). A process's
+    high-water mark only grows, so measuring in this one would report whatever it held before."""
+    from ipu_effnet.analysis.bench import run_memory_probe
 
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.baseline = _rss_bytes()
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> _PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+    settings = settings or BenchSettings()
+    payload = {"model_args": model_args, "resolution": int(resolution), "batch": settings.batch,
+               "threads": settings.threads}
+    return run_memory_probe("ipu_effnet.analysis.compare:inference_memory_probe", payload,
+                            f"compare memory probe for {model_args.get('name')} at {resolution} px, "
+                            f"batch {settings.batch}")
 
 
 def measure_inference(model: Any, resolution: int, settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
     """Inference images/s of `model` (eval mode, no grad, random input) at `resolution`, timed by the bench
-    machinery (`analysis.bench.measure`: warm-up, then timed steps), and the peak memory of that work:
-    CUDA max allocated on a GPU, else the peak RSS above the level before the input was made."""
+    machinery (`analysis.bench.measure`: warm-up, then timed steps), and the peak memory of that work: on a
+    GPU CUDA max allocated during the timed work above what was allocated before; on the CPU the VmHWM of a
+    fresh process running the same inference (`measure_inference_memory`, from `model.model_args`; None
+    without them or with settings.memory off)."""
     import torch
 
     from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
@@ -237,22 +242,29 @@ def measure_inference(model: Any, resolution: int, settings: Optional[BenchSetti
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    with _PeakRSS() as rss:
-        images = torch.randn(settings.batch, 3, resolution, resolution, device=device)
+    images = torch.randn(settings.batch, 3, resolution, resolution, device=device)
 
-        def step() -> None:
-            with torch.no_grad():
-                model(images)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    def step() -> None:
+        with torch.no_grad():
+            model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-        timing = measure(Workload(cfg, resolution, step, {}))
+    timing = measure(Workload(cfg, resolution, step, {}))
+    out: Dict[str, Any] = {"infer_images_per_sec": timing.images_per_s, "peak_memory_mb": None,
+                           "memory_kind": None, "built_memory_mb": None, "memory_method": None,
+                           "bench_batch": settings.batch}
+    if not settings.memory:
+        return out
     if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated() - before, "cuda"
-    else:
-        peak, kind = rss.peak - rss.baseline, "rss"
-    return {"infer_images_per_sec": timing.images_per_s, "peak_memory_mb": max(peak, 0) / 2**20, "memory_kind": kind,
-            "bench_batch": settings.batch}
+        peak = max(torch.cuda.max_memory_allocated() - before, 0)
+        out.update(peak_memory_mb=peak / 2**20, memory_kind="cuda",
+                   memory_method="torch.cuda.max_memory_allocated during the timed steps, above the level before")
+    elif getattr(model, "model_args", None) is not None:
+        memory = measure_inference_memory(model.model_args, resolution, settings)
+        out.update(peak_memory_mb=memory["peak_rss_mb"], memory_kind="vmhwm",
+                   built_memory_mb=memory["built_rss_mb"], memory_method=memory["method"])
+    return out
 
 
 def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
@@ -489,25 +501,46 @@ def format_summary(result: CompareResult) -> str:
     return "\n".join(lines)
 
 
+def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
+    """The sentence under the table that says what "peak mem (MB)" measured."""
+    from ipu_effnet.analysis.bench import MEMORY_STEPS
+
+    kinds = {r.get("memory_kind") for r in rows}
+    parts = []
+    if "vmhwm" in kinds:
+        built = [r["built_memory_mb"] for r in rows if r.get("memory_kind") == "vmhwm" and r.get("built_memory_mb")]
+        low, high = (f"{min(built):.0f}", f"{max(built):.0f}") if built else ("", "")
+        span = "most" if not built else f"{low} MB" if low == high else f"{low}-{high} MB"
+        parts.append("peak mem (CPU): the peak resident memory (VmHWM) of a fresh Python process that builds the "
+                     f"recipe's network from its checkpoint's model_args and runs {MEMORY_STEPS} inference steps, "
+                     "as `bench` "
+                     f"measures it; the interpreter and torch are included ({span} of it before the first step, "
+                     "built_memory_mb in compare.csv), so the differences between rows are what the networks and "
+                     "their activations need.")
+    if "cuda" in kinds:
+        parts.append("peak mem (GPU): CUDA max allocated during the timed inference, above what was allocated before.")
+    if None in kinds:
+        parts.append("peak mem \"-\": not measured.")
+    return " ".join(parts)
+
+
 def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]],
                   sweeps: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Path]:
     from ipu_effnet.analysis.plots import plot_accuracy_vs_resolution, plot_pareto
 
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "compare.md"
-    mem_kinds = sorted({r.get("memory_kind", "rss") for r in rows})
-    note = ("peak mem: CUDA max allocated" if mem_kinds == ["cuda"] else
-            "peak mem: peak resident memory above the process baseline")
     md.write_text(
         "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
-        f"Inference images/s and {note}, measured on this machine at the test resolution, batch "
-        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe. Training images/s: "
+        f"Inference images/s and peak memory, measured on this machine at the test resolution, batch "
+        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe; "
+        f"{memory_note(rows)} Training images/s: "
         "the recipe's training step at its training resolution and micro-batch, measured here with the recipes "
         "taking turns (median of the rounds); \"(run)\" and wall time come from each run's summary.json. "
         "How to read this: docs/recipes.md.\n",
         encoding="utf-8")
     csv_path = out_dir / "compare.csv"
-    keys = [k for k, _, _ in COLUMNS] + ["memory_kind", "bench_batch"]
+    keys = [k for k, _, _ in COLUMNS] + ["memory_kind", "built_memory_mb", "memory_method", "bench_batch"]
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()

@@ -6,12 +6,15 @@ as Graphcore's code does it under poprun with horovod):
 
 - the epoch's training sums and the validation counts added up over processes, so every process logs
   and checkpoints the metrics of the whole data set rather than of its own shard;
+- the BatchNorm statistics recomputed for a weight average, summed over processes
+  (`all_reduce_sum_tensor`, training/bn_stats.py), so every process ends with the same ones;
 - the seed and the initial (or restored) weights taken from process 0, so that every poprun instance
   starts from the same point whatever its own RNG or file system saw.
 
     comm = poprun_collectives("auto", instance, instances)     # under poprun
     comm = torch_collectives()                                  # under torchrun (default process group)
     totals = comm.all_reduce_sum({"correct": 12.0, "samples": 40.0})
+    summed = comm.all_reduce_sum_tensor(torch.ones(3, dtype=torch.float64))
     comm.broadcast_module(model)                                # parameters and buffers, in place
     seed = comm.broadcast_object(seed)
 
@@ -49,6 +52,9 @@ class LocalCollectives:
     def all_reduce_sum(self, values: Dict[str, float]) -> Dict[str, float]:
         return dict(values)
 
+    def all_reduce_sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
     def broadcast_module(self, module: nn.Module, root: int = 0) -> None:
         return None
 
@@ -83,6 +89,13 @@ class TorchCollectives:
         self._dist.all_reduce(t)
         return dict(zip(keys, t.cpu().tolist()))
 
+    def all_reduce_sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        t = tensor.detach().clone()
+        if self._dist.get_backend() == "nccl":
+            t = t.cuda()
+        self._dist.all_reduce(t)
+        return t.cpu()
+
     def broadcast_module(self, module: nn.Module, root: int = 0) -> None:
         with torch.no_grad():
             for _, tensor in sorted(_module_tensors(module).items()):
@@ -110,6 +123,9 @@ class HorovodCollectives:
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
         total = self._hvd.allreduce(t, op=self._hvd.Sum, name="ipu_effnet.metrics")
         return dict(zip(keys, total.tolist()))
+
+    def all_reduce_sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._hvd.allreduce(tensor.detach().clone(), op=self._hvd.Sum, name="ipu_effnet.tensor")
 
     def broadcast_module(self, module: nn.Module, root: int = 0) -> None:
         self._hvd.broadcast_parameters(_module_tensors(module), root_rank=root)

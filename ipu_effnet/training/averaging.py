@@ -19,19 +19,31 @@ match the checkpoint's model state.
 
     averager = WeightAverager(decay=0.97)
     averager.update(net)                      # at each epoch end
+    recalibrate_average(averager, net, train_loader, num_batches=100)   # BatchNorm statistics, see below
     with averager.swapped_in(net):            # evaluate the averaged weights, then put the live ones back
         evaluate(net)
+
+BatchNorm statistics: the averaged running mean and variance belong to no set of weights (an average of
+other weights' statistics) and can wreck the averaged model's accuracy. `recalibrate_average` runs
+batches through the averaged network (`bn_stats.recalibrate_batchnorm`: BN in train mode, cumulative
+average, no_grad) and stores the resulting statistics beside the average, tagged with the update count
+they belong to (`bn_stats_at`). While they are current (no `update` since), `swapped_in`, `copy_to`,
+`averaged_state` and `averaged_model_state` (for a checkpoint's stored averager) put them over the
+averaged ones; an `update` makes them stale and they are ignored until recomputed. The average itself
+keeps averaging the raw running statistics, so a resumed run continues the same average. The stored
+statistics travel in `state_dict()`, i.e. in every checkpoint, so evaluate, finetune and sweep of
+`--averaged` weights get them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["AVERAGING_INTERVALS", "WeightAverager"]
+__all__ = ["AVERAGING_INTERVALS", "WeightAverager", "averaged_model_state", "recalibrate_average"]
 
 AVERAGING_INTERVALS = ("epoch", "step")
 
@@ -50,6 +62,9 @@ class WeightAverager:
         self.device = torch.device(device) if device is not None else None
         self.num_updates = 0
         self.average: Dict[str, torch.Tensor] = {}
+        self.bn_stats: Dict[str, torch.Tensor] = {}  # recomputed BatchNorm statistics of the average
+        self.bn_stats_at: Optional[int] = None  # num_updates they were computed at
+        self.bn_stats_images = 0  # images (all processes) they were computed over
 
     def _stored(self, value: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(value.dtype, torch.float32) if value.is_floating_point() else value.dtype
@@ -73,23 +88,44 @@ class WeightAverager:
                     avg.copy_(value)
         self.num_updates += 1
 
-    def averaged_state(self) -> Dict[str, torch.Tensor]:
-        """A copy of the averaged state dict (in the averager's dtypes)."""
+    @property
+    def bn_stats_current(self) -> bool:
+        """True when recomputed BatchNorm statistics exist for the average as it is now."""
+        return bool(self.bn_stats) and self.bn_stats_at == self.num_updates
+
+    def set_bn_stats(self, stats: Dict[str, torch.Tensor], images: int = 0) -> None:
+        """Store recomputed BatchNorm statistics (state-dict keys -> tensors) for the current average."""
         self._require()
-        return {name: value.clone() for name, value in self.average.items()}
+        unknown = set(stats) - set(self.average)
+        if unknown:
+            raise KeyError(f"BatchNorm statistics for entries the average does not hold: {sorted(unknown)[:5]}")
+        self.bn_stats = {name: self._stored(value) for name, value in stats.items()}
+        self.bn_stats_at = self.num_updates
+        self.bn_stats_images = int(images)
+
+    def _model_state(self) -> Dict[str, torch.Tensor]:
+        if not self.bn_stats_current:
+            return self.average
+        return dict(self.average, **self.bn_stats)
+
+    def averaged_state(self) -> Dict[str, torch.Tensor]:
+        """A copy of the averaged model's state dict (in the averager's dtypes), with the recomputed
+        BatchNorm statistics when they are current."""
+        self._require()
+        return {name: value.clone() for name, value in self._model_state().items()}
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Overwrite `model`'s weights and buffers with the average (cast to the model's dtypes)."""
+        """Overwrite `model`'s weights and buffers with the averaged model (cast to the model's dtypes)."""
         self._require()
-        _copy_state(model, self.average)
+        _copy_state(model, self._model_state())
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
         """Within the block `model` holds the averaged weights; afterwards its own come back."""
         self._require()
         live = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        _copy_state(model, self.average)
+        _copy_state(model, self._model_state())
         try:
             yield model
         finally:
@@ -98,7 +134,9 @@ class WeightAverager:
     def state_dict(self) -> Dict[str, object]:
         """Plain data for a checkpoint (tensors, numbers, strings)."""
         return {"decay": self.decay, "interval": self.interval, "num_updates": self.num_updates,
-                "average": {name: value.detach().clone() for name, value in self.average.items()}}
+                "average": {name: value.detach().clone() for name, value in self.average.items()},
+                "bn_stats": {name: value.detach().clone() for name, value in self.bn_stats.items()},
+                "bn_stats_at": self.bn_stats_at, "bn_stats_images": self.bn_stats_images}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         self.decay = float(state["decay"])  # type: ignore[arg-type]
@@ -107,10 +145,45 @@ class WeightAverager:
         average = state["average"]
         assert isinstance(average, dict)
         self.average = {name: self._stored(value) for name, value in average.items()}
+        stats = state.get("bn_stats") or {}  # absent in checkpoints written before recalibration existed
+        assert isinstance(stats, dict)
+        self.bn_stats = {name: self._stored(value) for name, value in stats.items()}
+        at = state.get("bn_stats_at")
+        self.bn_stats_at = int(at) if at is not None else None  # type: ignore[call-overload]
+        self.bn_stats_images = int(state.get("bn_stats_images") or 0)  # type: ignore[call-overload]
 
     def _require(self) -> None:
         if self.num_updates == 0:
             raise RuntimeError("the average is empty: call update(model) at least once first")
+
+
+def averaged_model_state(state: Dict[str, object]) -> Dict[str, torch.Tensor]:
+    """The averaged model's state dict from a stored `WeightAverager.state_dict()` (a checkpoint's
+    `averagers[name]`): the average, with the recomputed BatchNorm statistics when they are current."""
+    averager = WeightAverager()
+    averager.load_state_dict(state)
+    return averager.averaged_state()
+
+
+def recalibrate_average(averager: WeightAverager, model: nn.Module, batches: Iterable[Any], num_batches: int,
+                        skip: Sequence[str] = (), **kwargs: Any) -> int:
+    """Recompute the BatchNorm statistics of the averaged weights (`bn_stats.recalibrate_batchnorm`, whose
+    keyword arguments pass through) and store them in `averager`; `model` is the network the average
+    belongs to and gets its own weights back. Returns the images this process ran; 0 when the network
+    has no BatchNorm outside `skip` or num_batches is 0 (then nothing runs and nothing is stored)."""
+    from ipu_effnet.training.bn_stats import has_batchnorm, recalibrate_batchnorm, running_stats
+
+    if num_batches <= 0 or not has_batchnorm(model, skip):
+        return 0
+    with averager.swapped_in(model):
+        images = recalibrate_batchnorm(model, batches, num_batches, skip=skip, **kwargs)
+        stats = running_stats(model, skip)
+    collectives = kwargs.get("collectives")
+    total = images
+    if collectives is not None and getattr(collectives, "size", 1) > 1:
+        total = int(collectives.all_reduce_sum({"images": float(images)})["images"])
+    averager.set_bn_stats(stats, total)
+    return images
 
 
 @torch.no_grad()

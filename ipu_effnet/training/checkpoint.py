@@ -9,7 +9,8 @@ SDK's) as on current torch, and loading never runs code from the file:
     model_args             the network's constructor arguments (`model.model_args`): rebuilds it (nanoGPT)
     optimizer              optimizer.state_dict()
     epoch, step            schedule position: epochs and optimiser steps completed
-    averagers              {name: WeightAverager.state_dict()}, e.g. {"epoch": ..., "ema": ...}
+    averagers              {name: WeightAverager.state_dict()}, e.g. {"epoch": ..., "ema": ...}, each with
+                           its recomputed BatchNorm statistics (bn_stats, bn_stats_at) when it has them
     rng                    python, numpy, torch (and CUDA) generator states, as tensors and numbers
     config                 the resolved config as a plain dict
     extra                  anything else the loop wants back (plain data)
@@ -192,7 +193,9 @@ def restore_checkpoint(checkpoint: Mapping[str, Any], model: nn.Module,
 
 def rebuild_model(checkpoint: Mapping[str, Any], averager: Optional[str] = None) -> nn.Module:
     """The network rebuilt from the checkpoint's `model_args`, with its weights, or with the averaged
-    weights of the named averager (e.g. "epoch": the start of fine-tuning)."""
+    weights of the named averager (e.g. "epoch": the start of fine-tuning) and the BatchNorm statistics
+    recomputed for them (`averaging.recalibrate_average`; a warning when the average has BatchNorm
+    buffers but no current recomputed statistics)."""
     from ipu_effnet.models import create_model_from_args
 
     if checkpoint.get("model_args") is None:
@@ -204,8 +207,18 @@ def rebuild_model(checkpoint: Mapping[str, Any], averager: Optional[str] = None)
         stored = checkpoint.get("averagers") or {}
         if averager not in stored:
             raise CheckpointError(f"the checkpoint holds no averager {averager!r} (it has: {sorted(stored) or 'none'})")
+        from ipu_effnet.training.averaging import averaged_model_state
+
+        entry = stored[averager]
+        state = averaged_model_state(entry)
+        if (not entry.get("bn_stats") or entry.get("bn_stats_at") != entry.get("num_updates")) \
+                and any(k.endswith("running_mean") for k in state):
+            warnings.warn(f"the checkpoint's {averager!r} average holds no recomputed BatchNorm statistics for its "
+                          "latest weights (not its final epoch, train.bn_recalibration_batches = 0, the ipu "
+                          "backend, or an older checkpoint): its averaged running statistics may not fit the "
+                          "averaged weights", stacklevel=2)
         with torch.no_grad():
-            model.load_state_dict({k: v for k, v in stored[averager]["average"].items()})
+            model.load_state_dict(state)
     return model
 
 

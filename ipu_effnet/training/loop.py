@@ -20,6 +20,10 @@ Faults (`training/faults.py`): a SIGTERM/SIGINT checkpoints at the next step bou
 inside the epoch (the resumed run replays the loader past the steps done, so it continues exactly); a
 non-finite step stops the run unless fp16 loss scaling absorbs it; the run directory is write-tested
 before the first step; unreadable images are reported and counted between epochs.
+At the last epoch, before its checkpoint, the averages' BatchNorm statistics are recomputed for the
+averaged weights over `train.bn_recalibration_batches` training micro-batches (`training/bn_stats.py`;
+combined over DDP ranks through the host collectives; not on the ipu backend, which says so), so the
+weight-averaged evaluation and the checkpoint that fine-tuning starts from hold statistics that fit.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from ipu_effnet.data.randaugment import RandAugment
 from ipu_effnet.errors import UsageError
 from ipu_effnet.models import create_model, native_resolution
 from ipu_effnet.training import faults
-from ipu_effnet.training.averaging import WeightAverager
+from ipu_effnet.training.averaging import WeightAverager, recalibrate_average
+from ipu_effnet.training.bn_stats import has_batchnorm
 from ipu_effnet.training.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_name,
@@ -309,6 +314,36 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         if backend == "ipu":
             return runner.evaluate_loader(val_loader, reduce=info.collectives.all_reduce_sum)
         return evaluate(tm, val_loader, device, cfg.train.precision, info)
+
+    bn_batches = cfg.train.bn_recalibration_batches
+    bn_recalibrate = bn_batches > 0 and has_batchnorm(model, frozen)
+    bn_skip_said = []
+
+    def recalibrate_averages() -> None:
+        """BatchNorm statistics for each average as it is now (averaging.recalibrate_average), over the last
+        stage's training loader; a no-op without BatchNorm (outside frozen layers), when off, or when current."""
+        if not bn_recalibrate:
+            return
+        if backend == "ipu":  # would need a third poptorch program (BN in train mode, no optimiser); not yet
+            if not bn_skip_said:
+                say("train.bn_recalibration_batches: not done on the ipu backend; the averaged model keeps its "
+                    "averaged BatchNorm statistics (evaluate/finetune/sweep --averaged warn that they are stale)")
+                bn_skip_said.append(True)
+            return
+        loader = train_loader
+        if current is not stages[-1] and len(stages) > 1:  # resumed after the last epoch: the last stage's
+            loader = create_loader(stage_train_set(cfg, stages[-1], phase.eval_preprocessing), host_batch,
+                                   train=True, workers=cfg.data.workers, seed=cfg.train.seed,
+                                   rank=shard[0], world_size=shard[1])
+        for key, avg in averagers.items():
+            if avg.num_updates == 0 or avg.bn_stats_current:
+                continue
+            recalibrate_average(avg, model, loader, bn_batches, skip=frozen, forward=tm, device=device,
+                                micro_batch=cfg.train.micro_batch,
+                                autocast=autocast_dtype(cfg.train.precision, device),
+                                collectives=info.collectives if info.world_size > 1 else None)
+            say(f"{key} average: BatchNorm statistics recomputed over {avg.bn_stats_images} training images")
+
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if frozen:
@@ -410,11 +445,14 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         say(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}, "
             f"val top-1 {val['top1']:.2%}, top-5 {val['top5']:.2%}, {record['images_per_sec']:.1f} img/s")
         last = epoch + 1 == num_epochs
+        if last:  # before the checkpoint, which then carries them (fine-tuning starts from it)
+            recalibrate_averages()
         if info.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
             last_checkpoint = save(epoch + 1, {})
 
     if not val:  # resumed after the last epoch: nothing trained, evaluate what is there
         val = run_eval()
+    recalibrate_averages()  # a no-op when the last epoch did it
     with averager.swapped_in(model):
         val_avg = run_eval()
     val_ema = None
@@ -438,6 +476,12 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "val_samples": val["samples"],  # over every process's shard
         "val_top1_averaged": val_avg["top1"],
         "val_top1_ema": val_ema["top1"] if val_ema is not None else None,
+        # BatchNorm statistics of the averaged model: "recomputed" (over bn_recalibration_images training
+        # images, all processes), "averaged" (the averaged running statistics: off, or the ipu backend),
+        # None (no BatchNorm outside frozen layers)
+        "averaged_bn_stats": (None if not has_batchnorm(model, frozen)
+                              else "recomputed" if averager.bn_stats_current else "averaged"),
+        "bn_recalibration_images": averager.bn_stats_images if averager.bn_stats_current else 0,
         "train_images_per_sec": train_images / train_time if train_time > 0 else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "world_size": shard[1],
