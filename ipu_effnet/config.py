@@ -171,7 +171,7 @@ class TrainConfig:
     mixup_alpha: float = option(0.0, ge=0)  # 0: no mixup
     cutmix: bool = False
     precision: str = option("32.32", choices=PRECISIONS)
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # None: on with the torch backend (1.6x B0 training on CPU), off on IPUs and the pipeline backend
     seed: int = option(0, ge=0)
     weight_avg_decay: float = option(0.97, ge=0, le=1)  # exponential average over per-epoch checkpoints
     ema_decay: Optional[float] = option(None, ge=0, lt=1)  # set: also a per-step EMA of the weights

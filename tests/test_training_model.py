@@ -239,3 +239,20 @@ def test_from_config_and_argument_checks():
         TrainingModel(nn.Identity(), label_smoothing=1.0)
     with pytest.raises(ValueError, match="mixup_alpha"):
         TrainingModel(nn.Identity(), mixup_alpha=-1)
+
+
+def test_channels_last_default_is_on_for_the_torch_backend_only():
+    from ipu_effnet.config import Config, apply_overrides
+    from ipu_effnet.training.model import resolve_channels_last
+
+    cfg = Config()
+    assert cfg.train.channels_last is None
+    assert resolve_channels_last(cfg.train) is True
+    assert resolve_channels_last(cfg.train, "ipu") is False
+    assert resolve_channels_last(cfg.train, "pipeline") is False
+    off = apply_overrides(cfg, ["train.channels_last=false"])
+    assert resolve_channels_last(off.train) is False
+    on = apply_overrides(cfg, ["train.channels_last=true"])
+    assert resolve_channels_last(on.train, "pipeline") is True  # an explicit choice is kept
+    tm = TrainingModel.from_config(nn.Conv2d(3, 4, 3), cfg.train)
+    assert tm.channels_last is True

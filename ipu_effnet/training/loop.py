@@ -59,7 +59,7 @@ from ipu_effnet.training.checkpoint import (
     restore_checkpoint,
 )
 from ipu_effnet.training.freeze import default_first_trainable, freeze_before
-from ipu_effnet.training.model import TrainingModel
+from ipu_effnet.training.model import TrainingModel, resolve_channels_last
 from ipu_effnet.training.optim import optimizer_from_config, set_lr
 from ipu_effnet.training.schedules import schedule_from_config
 
@@ -283,7 +283,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     model.to(device)
-    tm = TrainingModel.from_config(model, cfg.train).to(device)
+    tm = TrainingModel.from_config(model, cfg.train, channels_last=resolve_channels_last(cfg.train, backend)).to(device)
     optimizer = optimizer_from_config(model, cfg.train)
     schedule = schedule_from_config(cfg.train, global_batch=global_batch, reference_batch=cfg.train.lr_reference_batch)
     averager = WeightAverager(cfg.train.weight_avg_decay, interval="epoch")

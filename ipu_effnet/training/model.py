@@ -59,6 +59,7 @@ __all__ = [
     "mix_batch",
     "mix_targets",
     "mixed_cross_entropy",
+    "resolve_channels_last",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,6 +132,14 @@ def mixed_cross_entropy(logits: torch.Tensor, targets: Sequence[torch.Tensor],
     return per_sample.mean()
 
 
+def resolve_channels_last(train: Any, backend: str = "torch") -> bool:
+    """`train.channels_last`, or where it is None (the default) whether this backend gains from it: the
+    torch backend does (B0 training 1.6x on CPU, docs/PERFORMANCE.md); poptorch lays tensors out itself
+    and the pipeline backend's stage boundaries were verified in the default layout only."""
+    value = getattr(train, "channels_last", None)
+    return bool(value) if value is not None else backend == "torch"
+
+
 class TrainingModel(nn.Module):
     """A network with input normalisation, mixing and the loss inside `forward` (see the module docstring).
 
@@ -180,9 +189,10 @@ class TrainingModel(nn.Module):
 
     @classmethod
     def from_config(cls, model: nn.Module, train: Any, **overrides: Any) -> TrainingModel:
-        """From a `config.TrainConfig` (label_smoothing, mixup_alpha, cutmix, channels_last)."""
+        """From a `config.TrainConfig` (label_smoothing, mixup_alpha, cutmix, channels_last as
+        `resolve_channels_last` reads it for the torch backend; another backend passes channels_last)."""
         kwargs = {"label_smoothing": train.label_smoothing, "mixup_alpha": train.mixup_alpha,
-                  "cutmix": train.cutmix, "channels_last": train.channels_last}
+                  "cutmix": train.cutmix, "channels_last": resolve_channels_last(train)}
         kwargs.update(overrides)
         return cls(model, **kwargs)
 
