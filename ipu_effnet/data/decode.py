@@ -33,11 +33,13 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ipu_effnet.config import JPEG_DECODERS, RESAMPLERS
 from ipu_effnet.errors import UsageError
 
 __all__ = [
+    "BILINEAR",
     "DRAFT_SCALES",
     "JpegFile",
     "decode_jpeg_file",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 Box = Tuple[float, float, float, float]  # (left, upper, right, lower), Pillow's convention
+BILINEAR = getattr(Image, "Resampling", Image).BILINEAR  # Image.Resampling from Pillow 9.1
 DRAFT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg's DCT scaling offers that keep its SIMD IDCT
 _FAST_MODES = ("RGB", "L")  # Pillow modes whose JPEGs the fast decoder turns into the same RGB pixels
 
@@ -135,9 +138,7 @@ class JpegFile:
     def __init__(self, path: str, data: bytes, size: Tuple[int, int]) -> None:
         self.filename, self.data, self.size = path, data, size
 
-    def pillow(self):
-        from PIL import Image
-
+    def pillow(self) -> Image.Image:
         img = Image.open(io.BytesIO(self.data))
         img.filename = self.filename  # for messages; the bytes are already here
         return img
@@ -217,10 +218,6 @@ def pillow_resize_array(arr: np.ndarray, box: Box, out_size: Sequence[int], exac
     not the whole decoded image: the conversion to Pillow's layout is most of the cost, and the result
     differs from the whole image's by at most one level (Pillow's filter weights, computed in floating
     point from shifted coordinates, round differently at some pixels)."""
-    from PIL import Image
-
-    from ipu_effnet.data.transforms import BILINEAR
-
     if exact:
         return Image.fromarray(arr).resize(tuple(out_size), BILINEAR, box=box)
     height, width = arr.shape[:2]

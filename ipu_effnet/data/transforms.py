@@ -21,7 +21,8 @@ simplejpeg, the same pixels as Pillow with less overhead) and, for training crop
 training transform; evaluation keeps Pillow's resampler so that its fractional crop box stays exact.
 
 A transform is called as `transform(img, rng)`: `img` a PIL image as `Image.open` returns it (not yet
-decoded, so that the draft can take effect), `rng` a `random.Random` (None: the `random` module), so that
+decoded, so that the draft can take effect) or a `decode.JpegFile` (a JPEG's bytes and size, which the
+dataset reads for the simplejpeg decoder), `rng` a `random.Random` (None: the `random` module), so that
 a dataset can own its random stream and the loader can seed it per worker and epoch.
 """
 
@@ -36,6 +37,7 @@ import torch
 from PIL import Image
 
 from ipu_effnet.data.decode import (
+    BILINEAR,
     Box,
     JpegFile,
     decode_jpeg_file,
@@ -62,7 +64,6 @@ __all__ = [
     "to_uint8_tensor",
 ]
 
-BILINEAR = getattr(Image, "Resampling", Image).BILINEAR  # Image.Resampling from Pillow 9.1
 EVAL_CROP_FRACTION = 0.875  # 224 / 256: evaluation resizes the shorter side to res / 0.875
 
 
@@ -170,9 +171,9 @@ def crop_resize(img: Image.Image, box: Box, out_size: Tuple[int, int], draft: bo
     if arr is None:
         if isinstance(img, JpegFile):  # simplejpeg rejected it after all: Pillow decodes it or says why
             img = img.pillow()
-        decoded, scaled = decode_region(img, box, out_size, draft)
         if resampler != "torch":
-            return to_uint8_tensor(decoded.resize(out_size, BILINEAR, box=scaled))
+            return to_uint8_tensor(resize_region(img, box, out_size, draft))
+        decoded, scaled = decode_region(img, box, out_size, draft)
         # only the crop leaves Pillow: converting the whole decoded image would cost more than the resize
         left, top, right, lower = whole_pixel_box(scaled, *decoded.size)
         crop = np.array(decoded.crop((left, top, right, lower)))
