@@ -207,12 +207,12 @@ def rebuild_model(checkpoint: Mapping[str, Any], averager: Optional[str] = None)
         stored = checkpoint.get("averagers") or {}
         if averager not in stored:
             raise CheckpointError(f"the checkpoint holds no averager {averager!r} (it has: {sorted(stored) or 'none'})")
-        from ipu_effnet.training.averaging import averaged_model_state
+        from ipu_effnet.training.averaging import WeightAverager
 
-        entry = stored[averager]
-        state = averaged_model_state(entry)
-        if (not entry.get("bn_stats") or entry.get("bn_stats_at") != entry.get("num_updates")) \
-                and any(k.endswith("running_mean") for k in state):
+        average = WeightAverager()
+        average.load_state_dict(stored[averager])
+        state = average.averaged_state()
+        if not average.bn_stats_current and any(k.endswith("running_mean") for k in state):
             warnings.warn(f"the checkpoint's {averager!r} average holds no recomputed BatchNorm statistics for its "
                           "latest weights (not its final epoch, train.bn_recalibration_batches = 0, the ipu "
                           "backend, or an older checkpoint): its averaged running statistics may not fit the "
