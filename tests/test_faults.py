@@ -343,7 +343,16 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues_exactly(t
                                                                  straight["val_top1_ema"])
 
 
-def test_first_signal_sets_the_flag_and_a_second_acts_at_once():
+@pytest.fixture
+def default_sigint():
+    # A process started in the background by a non-interactive shell (CI launchers, `cmd &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler. Pin Python's usual one.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_first_signal_sets_the_flag_and_a_second_acts_at_once(default_sigint):
     with faults.StopOnSignals():
         assert faults.stop_requested() is None
         os.kill(os.getpid(), signal.SIGINT)
@@ -362,6 +371,20 @@ def test_first_signal_sets_the_flag_and_a_second_acts_at_once():
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert faults.stop_requested() is None
+
+
+def test_a_signal_ignored_at_start_checkpoints_once_and_is_ignored_again():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `cmd &` from a non-interactive shell
+    try:
+        with faults.StopOnSignals():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert faults.stop_requested() == "SIGINT"
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the launcher's choice is restored
+            os.kill(os.getpid(), signal.SIGINT)  # and a second one does nothing
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ----------------------------------------------------------------------------------------------------
