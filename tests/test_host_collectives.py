@@ -33,6 +33,16 @@ def test_one_instance_needs_no_collectives():
     assert comm.all_reduce_sum({"a": 2.0}) == {"a": 2.0} and comm.broadcast_object(7) == 7
 
 
+def test_shutdown_leaves_the_default_group_and_is_a_no_op_alone(tmp_path):
+    import torch.distributed as dist
+
+    hc.shutdown_process_group()  # nothing initialised: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    hc.shutdown_process_group()
+    assert not dist.is_initialized()
+
+
 def test_bad_choices_are_usage_errors(monkeypatch):
     with pytest.raises(UsageError, match="host_collectives = 'mpi' is not one of auto, horovod, gloo"):
         hc.poprun_collectives("mpi", 0, 2)
@@ -114,6 +124,8 @@ torch.save({"weight": model[0].weight.detach(), "before": before, "running_mean"
             "bn_mean": model[1].running_mean.clone(), "bn_var": model[1].running_var.clone(),
             "batches": shards[0] + shards[1]}, out + ".pt")
 json.dump({"sums": sums, "seed": seed, "name": comm.name}, open(out + ".json", "w"))
+from ipu_effnet.backends.host_collectives import shutdown_process_group
+shutdown_process_group()                                # as the train command does at the end
 """
 
 

@@ -143,6 +143,20 @@ def torch_collectives() -> Any:
     return LocalCollectives()
 
 
+def shutdown_process_group() -> None:
+    """Leave torch.distributed's default group at the end of a run that finished (or stopped at an agreed
+    step): wait for every process, then destroy the group. A process that simply exits may take the
+    rendezvous store (held by rank 0) away while another still uses it, and gloo's threads then abort
+    that process at exit ("terminate called without an active exception"). A no-op alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _import_horovod() -> Optional[Any]:
     try:
         return importlib.import_module("horovod.torch")

@@ -49,13 +49,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / f"finetune-{args.res}"
     if (out / "summary.json").is_file():
         raise UsageError(f"{out} already holds a finished fine-tune (summary.json); choose another --out")
+    from ipu_effnet.backends.host_collectives import shutdown_process_group
     from ipu_effnet.training import faults
 
     try:
         with faults.StopOnSignals():  # SIGTERM/SIGINT: a checkpoint at the next step, then exit 0
             summary = finetune_phase(cfg, ckpt, out, averaged=args.averaged, resolution=args.res,
                                      epochs=args.epochs, lr=args.lr, first_trainable=args.first_trainable)
+        shutdown_process_group()
     except faults.Preempted as stop:
+        shutdown_process_group()
         print(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint {stop.checkpoint}; resume by running "
               f"the same finetune command again (it continues in {out})", flush=True)
         return 0

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
+    from ipu_effnet.backends.host_collectives import shutdown_process_group
     from ipu_effnet.training import faults
     from ipu_effnet.training.recipes import run_recipe
 
@@ -69,7 +70,9 @@ def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
         faults.preflight(run_dir, 0)  # writable at all: before any data is read or model built
         with faults.StopOnSignals():
             run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides)
+        shutdown_process_group()
     except faults.Preempted as stop:
+        shutdown_process_group()  # every process stopped at the same step
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 wrote the checkpoint
             where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint"
             print(f"stopped by {stop.signal_name} at step {stop.step}; {where}; resume with: "
