@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,14 @@ from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
 from ipu_effnet.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 TINY = [
     "model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4", "model.group_size=16",
     "model.drop_rate=0.0", "model.drop_path_rate=0.0", "norm.kind=group", "data.num_train=32",
@@ -65,22 +74,41 @@ def test_evaluate_command_reproduces_the_final_validation(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["resolution"] == 48
 
 
+# The child holds still after its first checkpoint is on disk, so the kill lands at a known point
+# however loaded the machine is (a run of a few hundred milliseconds can otherwise finish first).
+HOLD_AFTER_FIRST_CHECKPOINT = """
+import sys, time
+from pathlib import Path
+from ipu_effnet.training import checkpoint
+real_save = checkpoint.save_checkpoint
+def save(path, state, keep=None):
+    saved = real_save(path, state, keep=keep)
+    Path(sys.argv[1]).write_text(str(saved))
+    while True:
+        time.sleep(1)
+checkpoint.save_checkpoint = save
+from ipu_effnet.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     common = ["train", "--config", "configs/tiny-cpu.yaml", *sets(TINY + ["train.epochs=4"])]
     straight = cli(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
-    run = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "ipu_effnet", *common, "--out", str(run)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run, saved = tmp_path / "killed", tmp_path / "saved"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_CHECKPOINT, str(saved), *common, "--out", str(run)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while latest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
+    while not saved.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr
     first = latest_checkpoint(run)
-    assert first is not None and load_checkpoint(first)["epoch"] < 4, "the run finished before it could be killed"
+    assert first is not None and str(first) == saved.read_text() and load_checkpoint(first)["epoch"] == 1
     resumed = cli("train", "--resume", str(run), "--set", "logging.progress=false")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
@@ -111,7 +139,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", "29517", "-m", "ipu_effnet", "train",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ipu_effnet", "train",
                           "--config", "configs/tiny-cpu.yaml", *base, "--set", "train.micro_batch=4",
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
