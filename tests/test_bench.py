@@ -42,6 +42,19 @@ def test_vs_overrides_only_the_named_options():
         a.with_overrides("proxy_impl=fast")
 
 
+def test_report_json_keeps_significant_figures_of_small_ratios():
+    # a data-mode baseline 45x slower than A: the JSON ratio must still agree with its own medians
+    a, b = BenchConfig(), BenchConfig(norm="layer+proxy")
+    report = BenchReport([ConfigResult(a, 32, [Timing(1234.567, 1000.0)], {}),
+                          ConfigResult(b, 32, [Timing(27.5653, 20.0)], {})],
+                         repeats=1, environment={"torch": "x", "threads": 2, "cpus": 2, "load_average": [0.1]})
+    out = json.loads(json.dumps(report.to_dict()))
+    medians = [r["median"] for r in out["results"]]
+    assert medians == [1234.57, 27.5653]
+    assert out["ratio"] == pytest.approx(27.5653 / 1234.567, rel=1e-5)
+    assert out["ratio"] == pytest.approx(medians[1] / medians[0], rel=1e-5)
+
+
 def test_proxy_impl_option_sets_every_proxy_layer():
     from ipu_effnet.analysis.bench import _build_model
     from norms.proxy import ProxyNormAct

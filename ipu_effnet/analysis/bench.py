@@ -623,6 +623,12 @@ def measure_memory_subprocess(cfg: BenchConfig, timeout: float = 1800.0) -> Dict
                             f"bench memory probe for {cfg.label()}", timeout)
 
 
+def _sig(value: float, digits: int = 6) -> float:
+    """`value` to `digits` significant figures: a fixed number of decimals would leave a ratio of 0.02
+    with three figures, and a ratio recomputed from the rounded medians would then disagree with it."""
+    return float(f"{value:.{digits}g}")
+
+
 @dataclass
 class ConfigResult:
     config: BenchConfig
@@ -656,17 +662,17 @@ class ConfigResult:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"config": asdict(self.config), "resolution": self.resolution,
-                "images_per_s": [round(v, 4) for v in self.images_per_s], "median": round(self.median, 4),
-                "min": round(min(self.images_per_s), 4), "max": round(max(self.images_per_s), 4),
-                "spread": round(self.spread, 4),
-                "images_per_cpu_s": [round(v, 4) for v in self.images_per_cpu_s],
-                "median_cpu": round(self.median_cpu, 4), **self.per_worker(), "memory": self.memory, **self.info}
+                "images_per_s": [_sig(v) for v in self.images_per_s], "median": _sig(self.median),
+                "min": _sig(min(self.images_per_s)), "max": _sig(max(self.images_per_s)),
+                "spread": _sig(self.spread),
+                "images_per_cpu_s": [_sig(v) for v in self.images_per_cpu_s],
+                "median_cpu": _sig(self.median_cpu), **self.per_worker(), "memory": self.memory, **self.info}
 
     def per_worker(self) -> Dict[str, Any]:
         """Data mode: median images/s divided by the loader's worker count (1 without workers)."""
         if self.config.mode != "data":
             return {}
-        return {"median_per_worker": round(self.median / max(self.config.workers, 1), 4)}
+        return {"median_per_worker": _sig(self.median / max(self.config.workers, 1))}
 
 
 @dataclass
@@ -714,12 +720,12 @@ class BenchReport:
         out: Dict[str, Any] = {"repeats": self.repeats, "environment": self.environment,
                                "results": [r.to_dict() for r in self.results]}
         if self.ratio is not None:
-            out["ratio"] = round(self.ratio, 4)
-            out["ratio_cpu"] = round(self.ratio_cpu, 4)
-            out["paired_ratios"] = [round(r, 4) for r in self.paired_ratios]
-            out["paired_median"] = round(self.paired_median, 4)
+            out["ratio"] = _sig(self.ratio)
+            out["ratio_cpu"] = _sig(self.ratio_cpu)
+            out["paired_ratios"] = [_sig(r) for r in self.paired_ratios]
+            out["paired_median"] = _sig(self.paired_median)
             if self.memory_ratio is not None:
-                out["memory_ratio"] = round(self.memory_ratio, 4)
+                out["memory_ratio"] = _sig(self.memory_ratio)
         return out
 
 
