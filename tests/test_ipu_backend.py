@@ -118,7 +118,7 @@ OPTION_CASES = [
      {"setAvailableMemoryProportion": {"IPU0": 0.15, "IPU1": 0.15}}),
     (["ipu.executable_cache=/tmp/cache"], {"enableExecutableCaching": "/tmp/cache"}),
     (["ipu.synthetic_data=true"], {"enableSyntheticData": True}),
-    (["ipu.compile_only=true"], {"useOfflineIpuTarget": 2}),
+    (["ipu.compile_only=true", "ipu.executable_cache=/tmp/cache"], {"useOfflineIpuTarget": 2}),
     (["ipu.ipu_model=true"], {"useIpuModel": True}),
     (["ipu.optimizer_state_offchip=true"], {"TensorLocations.setOptimizerLocation": {"onChip": False}}),
     (["ipu.replicas=2", "ipu.replicated_tensor_sharding=true"],
@@ -136,7 +136,7 @@ def test_options_from_config(poptorch, overrides, expected):
         assert opts.values[key] == value, key
     assert opts.values["Training.accumulationAndReplicationReductionType"] == poptorch.ReductionType.Mean
     assert opts.values["outputMode"] == poptorch.OutputMode.All
-    if "ipu.compile_only=true" not in overrides and "ipu.ipu_model=true" not in overrides:
+    if "ipu.compile_only=true" not in overrides[:1] and "ipu.ipu_model=true" not in overrides:
         assert "useIpuModel" not in opts.values  # hardware present in the double
 
 
@@ -297,6 +297,9 @@ def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
     out = runner.step(images, labels)
     assert set(out) == {"loss", "correct", "samples"} and out["samples"] == 32
     assert out["loss"] > 0 and 0 <= out["correct"] <= 32
+    # the device copy trained; the host model sees it only after copyWeightsToHost
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    runner.sync_weights_to_host()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert any(c[:2] == ("identity_loss", "none") for c in poptorch.CALLS)
     with pytest.raises(ValueError, match="exactly 32"):
@@ -404,8 +407,15 @@ def test_evaluate_loader_pads_the_last_batch_and_counts_every_sample(poptorch):
         logits = tm(images)
     expected = torch.nn.functional.cross_entropy(logits.float(), labels)
     assert got["loss"] == pytest.approx(float(expected), rel=1e-4)
-    runner.evaluate_loader(loader)
-    assert ("copyWeightsToDevice",) in runner._inference.calls  # a second pass picks up new host weights
+    assert not runner._inference.isAttachedToDevice()  # detached after the pass: the IPUs are free
+    with torch.no_grad():  # new host weights (e.g. a swapped-in average): the next pass must see them
+        for p in tm.model.parameters():
+            p.mul_(0.5)
+        logits = tm(images)
+    again = runner.evaluate_loader(loader)
+    assert again["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.float(), labels)),
+                                          rel=1e-4)
+    assert again["loss"] != pytest.approx(got["loss"], rel=1e-6)
 
 
 def test_poprun_instance(poptorch, monkeypatch):
