@@ -44,6 +44,10 @@ STAGE_TRACE: List[int] = []  # ipu ids in the order their BeginBlock modules ran
 HARDWARE_AVAILABLE = {"value": True}
 _POOL: Dict[str, Any] = {"size": None, "holders": set()}  # IPUs of this process and who holds them
 _LOSSES = {"count": 0}  # identity_loss calls during the current micro-batch
+PROGRAMS: List["_Executor"] = []  # every trainingModel / inferenceModel made since the last reset()
+# POPTORCH_DOUBLE_TRACE=DIR: each process appends "training" / "inference" per program call to
+# DIR/<pid>.log (tests across processes compare how many calls each instance made)
+TRACE_ENV = "POPTORCH_DOUBLE_TRACE"
 
 
 def reset(hardware: bool = True, ipus: Optional[int] = None) -> None:
@@ -54,6 +58,7 @@ def reset(hardware: bool = True, ipus: Optional[int] = None) -> None:
     HARDWARE_AVAILABLE["value"] = hardware
     _POOL["size"] = ipus
     _POOL["holders"] = set()
+    PROGRAMS.clear()
 
 
 def attached_programs() -> List["_Executor"]:
@@ -331,6 +336,7 @@ class _Executor:
         self._seed = seed
         self._rng = torch.Generator().manual_seed(seed).get_state()
         self.num_ipus = self.options.replication_factor * _ipus_per_replica(model)
+        PROGRAMS.append(self)
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -493,6 +499,10 @@ class _Executor:
             self._compile(args)
         if not self._attached:
             self.attachToDevice()
+        trace = os.environ.get(TRACE_ENV)
+        if trace:
+            with open(os.path.join(trace, f"{os.getpid()}.log"), "a", encoding="utf-8") as f:
+                f.write("training\n" if self.training else "inference\n")
         host = self._snapshot()
         self._load(self._device)
         wrapped = _is_wrapped(self.model)
