@@ -171,6 +171,9 @@ def test_popdist_options_under_poprun(poptorch, monkeypatch):
     cfg = tiny_cfg("ipu.replicas=8", "ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]",
                    "train.grad_accum=3")
     opts = build_options(cfg, poptorch, popdist)
+    assert popdist.INIT_CALLS == [1] and opts.init_before  # popdist.init() first, once
+    import_popdist()
+    assert popdist.INIT_CALLS == [1]
     assert getattr(opts, "popdist", False) and opts.ipus_per_replica == 2
     assert opts.replication_factor == 2 and "replicationFactor" not in opts.values  # popdist sets it
     with pytest.raises(UsageError, match="poprun started 8"):
@@ -187,7 +190,8 @@ def test_popdist_options_under_poprun(poptorch, monkeypatch):
     (["ipu.ipus_per_replica=2"], "needs ipu.pipeline_splits"),
     (["train.precision=bf16"], "no IPU equivalent"),
     (["ipu.replicated_tensor_sharding=true"], "replicas >= 2"),
-    (["ipu.compile_only=true", "ipu.ipu_model=true"], "compile_only"),
+    (["ipu.compile_only=true", "ipu.ipu_model=true", "ipu.executable_cache=c"], "compile_only"),
+    (["ipu.compile_only=true"], "executable_cache"),
 ])
 def test_config_errors_before_compilation(overrides, match):
     from ipu_effnet.backends.ipu import validate_ipu_config
@@ -550,3 +554,138 @@ def test_two_poprun_instances_report_metrics_over_both_shards(tmp_path):
     assert outs[1][0].strip() == ""  # instance 1 says nothing
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val_samples"] == 10 and summary["world_size"] == 2  # 5 per shard, summed
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device lifecycle (the double in hardware mode: one attached program per set of IPUs)
+
+
+def test_train_evaluate_train_hands_the_ipus_over(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "model.num_classes=10")
+    model, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(runner.host_batch)
+    runner.step(images, labels)
+    assert poptorch.attached_programs() == [runner.executor]
+    val = runner.evaluate_loader([batch(runner.eval_batch)])
+    assert val["samples"] == 2 and poptorch.attached_programs() == []  # inference detached at the end
+    runner.step(images, labels)  # the training program re-attaches
+    assert poptorch.attached_programs() == [runner.executor]
+    runner.release()
+    assert poptorch.attached_programs() == [] and not runner.executor.isCompiled()
+    assert all(type(t) is torch.Tensor for t in model.state_dict().values())  # unwrapped
+    with pytest.raises(RuntimeError, match="released"):
+        runner.step(images, labels)
+
+
+def test_evaluation_sees_the_trained_weights(poptorch):
+    """The inference program gets the training program's weights through the host (detach, attach)."""
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "model.drop_rate=0.0", "model.drop_path_rate=0.0")
+    model, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(runner.eval_batch)
+    before = runner.evaluate_loader([(images, labels)])
+    for _ in range(3):
+        runner.step(*batch(runner.host_batch))
+    after = runner.evaluate_loader([(images, labels)])
+    tm.eval()
+    with torch.no_grad():  # the host now holds the trained weights; its forward is the reference
+        expected = torch.nn.functional.cross_entropy(tm(images).float(), labels)
+    assert after["loss"] == pytest.approx(float(expected), rel=1e-4) and after["loss"] != before["loss"]
+
+
+def test_compile_builds_both_programs_on_an_offline_target(poptorch, tmp_path):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "ipu.compile_only=true", f"ipu.executable_cache={tmp_path}")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    with pytest.raises(AssertionError, match="offline"):
+        runner.step(*batch(runner.host_batch))
+    runner.compile(*batch(runner.host_batch), *batch(runner.eval_batch))
+    assert runner.executor.isCompiled() and runner._inference.isCompiled()
+    assert poptorch.attached_programs() == [] and len(list(tmp_path.glob("*.popef"))) == 2
+
+
+def test_the_device_rng_state_is_set_once_compiled(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    assert runner.device_rng_state() is None
+    state = [5] + [7] * 16
+    runner.set_device_rng_state(state)  # from a checkpoint, before the first compilation
+    assert runner.device_rng_state() == state
+    runner.compile(*batch(runner.host_batch))
+    assert runner.executor.rng_state == state
+    assert runner.checkpoint_extra()["ipu_rng"] == state
+
+
+def test_preparing_leaves_the_host_rng_alone(poptorch):
+    """Options.randomSeed reseeds torch; a resumed run's restored RNG state must survive preparation."""
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.seed=3")
+    _, tm, opt = tiny_setup(cfg)
+    torch.manual_seed(1234)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    prepare("ipu", tm, opt, cfg)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_half_precision_keeps_fp32_gradient_accumulators(poptorch):
+    from ipu_effnet.backends.ipu import to_poptorch_optimizer
+
+    for precision in ("16.16", "16.32", "32.32"):
+        cfg = tiny_cfg(f"train.precision={precision}")
+        for name in ("rmsprop_tf", "adamw", "sgd"):
+            _, _, opt = tiny_setup(cfg, optimizer=name)
+            accum = to_poptorch_optimizer(opt, poptorch, cfg).accum_types
+            assert set(accum.values()) == {torch.float32}, (precision, name, accum)
+
+
+def test_engine_options_make_workers_deterministic_and_keep_the_users(poptorch, monkeypatch):
+    import json
+
+    from ipu_effnet.backends.ipu import build_options
+
+    monkeypatch.setenv("POPLAR_ENGINE_OPTIONS", json.dumps({"opt.enableMultiAccessCopies": "false"}))
+    build_options(tiny_cfg(), poptorch)
+    got = json.loads(__import__("os").environ["POPLAR_ENGINE_OPTIONS"])
+    assert got == {"target.deterministicWorkers": "portable", "opt.enableMultiAccessCopies": "false"}
+    monkeypatch.setenv("POPLAR_ENGINE_OPTIONS", "not json")
+    with pytest.raises(UsageError, match="POPLAR_ENGINE_OPTIONS"):
+        build_options(tiny_cfg(), poptorch)
+
+
+def test_a_non_power_of_two_ipu_count_is_refused_not_simulated(poptorch):
+    from ipu_effnet.backends.ipu import build_options
+
+    with pytest.raises(UsageError, match="powers of two"):
+        build_options(tiny_cfg("ipu.replicas=3"), poptorch)
+    build_options(tiny_cfg("ipu.replicas=4"), poptorch)  # 4 IPUs: fine
+
+
+def test_evaluation_pads_to_the_longest_shard(poptorch, monkeypatch, tmp_path):
+    """Every instance makes as many inference calls as the one with the longest shard."""
+    import os
+
+    from ipu_effnet.backends import prepare
+
+    monkeypatch.setenv("POPTORCH_DOUBLE_TRACE", str(tmp_path))
+    cfg = tiny_cfg("train.micro_batch=2")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(3)
+    got = runner.evaluate_loader([(images[:2], labels[:2]), (images[2:], labels[2:])], batches=4)
+    assert got["samples"] == 3  # the padding batches are not counted
+    full = runner.evaluate_loader([(images[:2], labels[:2]), (images[2:], labels[2:])])
+    assert full == got
+    calls = (tmp_path / f"{os.getpid()}.log").read_text().split()
+    assert calls == ["inference"] * (4 + 2)

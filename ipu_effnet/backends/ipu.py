@@ -83,7 +83,6 @@ MK2_IPU_VERSION = 2  # the offline compilation target for compile_only (GC200, I
 # Poplar engine options Graphcore's CNN training sets: replicas keep bitwise-identical weights
 # (stochastic rounding and other worker state are made deterministic across replicas).
 ENGINE_OPTIONS = {"target.deterministicWorkers": "portable"}
-_POPDIST_INIT: List[bool] = []
 
 
 def import_poptorch() -> Any:
@@ -109,9 +108,9 @@ def import_popdist() -> Any:
         return None
     if not popdist.isPopdistEnvSet():
         return None
-    if not _POPDIST_INIT:  # Graphcore calls it first, before horovod and before any popdist Options
-        popdist.init()
-        _POPDIST_INIT.append(True)
+    if not getattr(popdist, "ipu_effnet_initialised", False):  # once per process, first: Graphcore calls
+        popdist.init()                                           # it before horovod and any popdist Options
+        popdist.ipu_effnet_initialised = True
     return popdist
 
 
