@@ -1,6 +1,6 @@
 """The IPU backend: the same `TrainingModel` compiled by poptorch, pipelined over IPUs and replicated.
 
-Written against poptorch's documented programming model (REFERENCE.md section 7): the loss is computed
+Written against poptorch's documented programming model (SDK 3.4): the loss is computed
 inside `forward` and marked with `poptorch.identity_loss`; `poptorch.trainingModel` runs forward,
 backward and the optimiser step as one compiled program; the host batch of one call is
 micro-batch x device iterations x local replicas x gradient accumulation; `poptorch.BeginBlock(module,
@@ -11,7 +11,7 @@ ipu_id=k)` starts pipeline stage k at a module; optimiser changes reach the devi
     metrics = runner.step(images, labels)      # {"loss", "correct", "samples"}, like TorchRunner
     loss, logits = runner.evaluate(images, labels)
 
-How the config maps onto poptorch (Graphcore's EfficientNet configs, REFERENCE.md section 6):
+How the config maps onto poptorch (Graphcore's EfficientNet configs, graphcore/examples vision/cnns/pytorch):
 
     ipu.replicas                 Options.replicationFactor (popdist.poptorch.Options under poprun)
     ipu.device_iterations        Options.deviceIterations (inference: at least the number of stages)
