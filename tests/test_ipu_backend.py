@@ -259,6 +259,9 @@ def test_ipu_recipes_mirror_the_published_configs():
         assert i.stochastic_rounding == ("b4" in path.stem)
         assert i.available_memory_proportion == ([0.1] if "b4" in path.stem else [0.15])
         assert cfg.norm.proxy == ("lnpn" in path.stem)
+        # B4: Graphcore's memory settings (sharded optimiser state, recomputation at two residual outputs)
+        assert i.replicated_tensor_sharding == ("b4" in path.stem)
+        assert i.recompute == (["blocks.1.1", "blocks.1.3"] if "b4" in path.stem else [])
         if "halfres" in path.stem:
             assert (cfg.recipe, cfg.model.resolution, cfg.finetune.resolution) == ("halfres", 160, 224)
             assert (cfg.finetune.micro_batch, cfg.finetune.grad_accum, cfg.finetune.first_trainable) == (20, 5, "blocks.5.3")
