@@ -399,7 +399,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
 
     def save(epoch_mark: float, extra: Dict[str, Any]) -> Path:
         """Write a checkpoint at epoch `epoch_mark` and the current step (rank 0); the previous one
-        stays if the write fails. On the IPU backend it also holds the device-side optimiser state."""
+        stays if the write fails. On the IPU backend it also holds the device-side optimiser and RNG state."""
         if hasattr(runner, "checkpoint_extra"):
             extra = dict(extra, **runner.checkpoint_extra())
         state = make_checkpoint(model, optimizer, epoch=epoch_mark, step=step, averagers=averagers,
