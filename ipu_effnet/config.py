@@ -717,10 +717,12 @@ def _check_batch_mixing(cfg: Config, where: _Origins) -> None:
     does nothing."""
     t = cfg.train
     mixup = t.mixup_alpha > 0 or any(v > 0 for v in t.progressive_mixup)
-    need = 3 if t.cutmix else 2 if mixup else 1
+    # mixup + cutmix: sample i mixes with i - 1, then takes a patch of the mixed i - 2, itself mixed with
+    # i - 3: four distinct samples take part
+    need = 4 if (t.cutmix and mixup) else 3 if t.cutmix else 2 if mixup else 1
     if t.micro_batch < need:
         what = "mixup + cutmix" if (mixup and t.cutmix) else "cutmix" if t.cutmix else "mixup"
-        partner = "two" if t.cutmix else "one"
+        partner = "one, two and three" if (t.cutmix and mixup) else "two" if t.cutmix else "one"
         raise ConfigError(f"{where('train.micro_batch')}: train.micro_batch = {t.micro_batch} is too small for "
                           f"{what} (the partner of each sample is the micro-batch rolled by {partner}); expected "
                           f"train.micro_batch >= {need}, or turn {what} off")

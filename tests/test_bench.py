@@ -245,3 +245,8 @@ def test_ipu_device_runs_through_poptorch(mode):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = json.loads(proc.stdout)["results"]
     assert result["config"]["device"] == "ipu" and result["median"] > 0
+
+
+def test_ipu_half_precision_is_refused_not_run_in_fp32():
+    status, _, err = _run(["bench", *TINY, "--device", "ipu", "--precision", "fp16", "--no-memory"])
+    assert status == 2 and "fp32 only" in err and "train.precision" in err

@@ -109,8 +109,8 @@ CONFIG_CASES = {
                                 ["tiny-cpu.yaml", "model.group_size = 16", "does not divide the 40 channels",
                                  "divisors of 40"]),
     "micro-batch too small for mixup + cutmix": (
-        ["train.micro_batch=2", "train.mixup_alpha=0.2", "train.cutmix=true"],
-        ["--set", "train.micro_batch = 2", "mixup + cutmix", "train.micro_batch >= 3"]),
+        ["train.micro_batch=3", "train.mixup_alpha=0.2", "train.cutmix=true"],
+        ["--set", "train.micro_batch = 3", "mixup + cutmix", "train.micro_batch >= 4"]),  # 4 samples take part
     "split naming no module": (["ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0.conv_px]"],
                                ["--set", "ipu.pipeline_splits = 'blocks.3.0.conv_px'", "names no module",
                                 "blocks.3.0.conv_pw"]),

@@ -118,7 +118,7 @@ OPTION_CASES = [
      {"setAvailableMemoryProportion": {"IPU0": 0.15, "IPU1": 0.15}}),
     (["ipu.executable_cache=/tmp/cache"], {"enableExecutableCaching": "/tmp/cache"}),
     (["ipu.synthetic_data=true"], {"enableSyntheticData": True}),
-    (["ipu.compile_only=true"], {"useOfflineIpuTarget": 2}),
+    (["ipu.compile_only=true", "ipu.executable_cache=/tmp/cache"], {"useOfflineIpuTarget": 2}),
     (["ipu.ipu_model=true"], {"useIpuModel": True}),
     (["ipu.optimizer_state_offchip=true"], {"TensorLocations.setOptimizerLocation": {"onChip": False}}),
     (["ipu.replicas=2", "ipu.replicated_tensor_sharding=true"],
@@ -136,7 +136,7 @@ def test_options_from_config(poptorch, overrides, expected):
         assert opts.values[key] == value, key
     assert opts.values["Training.accumulationAndReplicationReductionType"] == poptorch.ReductionType.Mean
     assert opts.values["outputMode"] == poptorch.OutputMode.All
-    if "ipu.compile_only=true" not in overrides and "ipu.ipu_model=true" not in overrides:
+    if "ipu.compile_only=true" not in overrides[:1] and "ipu.ipu_model=true" not in overrides:
         assert "useIpuModel" not in opts.values  # hardware present in the double
 
 
@@ -171,6 +171,9 @@ def test_popdist_options_under_poprun(poptorch, monkeypatch):
     cfg = tiny_cfg("ipu.replicas=8", "ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]",
                    "train.grad_accum=3")
     opts = build_options(cfg, poptorch, popdist)
+    assert popdist.INIT_CALLS == [1] and opts.init_before  # popdist.init() first, once
+    import_popdist()
+    assert popdist.INIT_CALLS == [1]
     assert getattr(opts, "popdist", False) and opts.ipus_per_replica == 2
     assert opts.replication_factor == 2 and "replicationFactor" not in opts.values  # popdist sets it
     with pytest.raises(UsageError, match="poprun started 8"):
@@ -187,7 +190,8 @@ def test_popdist_options_under_poprun(poptorch, monkeypatch):
     (["ipu.ipus_per_replica=2"], "needs ipu.pipeline_splits"),
     (["train.precision=bf16"], "no IPU equivalent"),
     (["ipu.replicated_tensor_sharding=true"], "replicas >= 2"),
-    (["ipu.compile_only=true", "ipu.ipu_model=true"], "compile_only"),
+    (["ipu.compile_only=true", "ipu.ipu_model=true", "ipu.executable_cache=c"], "compile_only"),
+    (["ipu.compile_only=true"], "executable_cache"),
 ])
 def test_config_errors_before_compilation(overrides, match):
     from ipu_effnet.backends.ipu import validate_ipu_config
@@ -255,6 +259,9 @@ def test_ipu_recipes_mirror_the_published_configs():
         assert i.stochastic_rounding == ("b4" in path.stem)
         assert i.available_memory_proportion == ([0.1] if "b4" in path.stem else [0.15])
         assert cfg.norm.proxy == ("lnpn" in path.stem)
+        # B4: Graphcore's memory settings (sharded optimiser state, recomputation at two residual outputs)
+        assert i.replicated_tensor_sharding == ("b4" in path.stem)
+        assert i.recompute == (["blocks.1.1", "blocks.1.3"] if "b4" in path.stem else [])
         if "halfres" in path.stem:
             assert (cfg.recipe, cfg.model.resolution, cfg.finetune.resolution) == ("halfres", 160, 224)
             assert (cfg.finetune.micro_batch, cfg.finetune.grad_accum, cfg.finetune.first_trainable) == (20, 5, "blocks.5.3")
@@ -297,6 +304,9 @@ def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
     out = runner.step(images, labels)
     assert set(out) == {"loss", "correct", "samples"} and out["samples"] == 32
     assert out["loss"] > 0 and 0 <= out["correct"] <= 32
+    # the device copy trained; the host model sees it only after copyWeightsToHost
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    runner.sync_weights_to_host()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert any(c[:2] == ("identity_loss", "none") for c in poptorch.CALLS)
     with pytest.raises(ValueError, match="exactly 32"):
@@ -404,8 +414,15 @@ def test_evaluate_loader_pads_the_last_batch_and_counts_every_sample(poptorch):
         logits = tm(images)
     expected = torch.nn.functional.cross_entropy(logits.float(), labels)
     assert got["loss"] == pytest.approx(float(expected), rel=1e-4)
-    runner.evaluate_loader(loader)
-    assert ("copyWeightsToDevice",) in runner._inference.calls  # a second pass picks up new host weights
+    assert not runner._inference.isAttachedToDevice()  # detached after the pass: the IPUs are free
+    with torch.no_grad():  # new host weights (e.g. a swapped-in average): the next pass must see them
+        for p in tm.model.parameters():
+            p.mul_(0.5)
+        logits = tm(images)
+    again = runner.evaluate_loader(loader)
+    assert again["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.float(), labels)),
+                                          rel=1e-4)
+    assert again["loss"] != pytest.approx(got["loss"], rel=1e-6)
 
 
 def test_poprun_instance(poptorch, monkeypatch):
@@ -540,3 +557,138 @@ def test_two_poprun_instances_report_metrics_over_both_shards(tmp_path):
     assert outs[1][0].strip() == ""  # instance 1 says nothing
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val_samples"] == 10 and summary["world_size"] == 2  # 5 per shard, summed
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device lifecycle (the double in hardware mode: one attached program per set of IPUs)
+
+
+def test_train_evaluate_train_hands_the_ipus_over(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "model.num_classes=10")
+    model, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(runner.host_batch)
+    runner.step(images, labels)
+    assert poptorch.attached_programs() == [runner.executor]
+    val = runner.evaluate_loader([batch(runner.eval_batch)])
+    assert val["samples"] == 2 and poptorch.attached_programs() == []  # inference detached at the end
+    runner.step(images, labels)  # the training program re-attaches
+    assert poptorch.attached_programs() == [runner.executor]
+    runner.release()
+    assert poptorch.attached_programs() == [] and not runner.executor.isCompiled()
+    assert all(type(t) is torch.Tensor for t in model.state_dict().values())  # unwrapped
+    with pytest.raises(RuntimeError, match="released"):
+        runner.step(images, labels)
+
+
+def test_evaluation_sees_the_trained_weights(poptorch):
+    """The inference program gets the training program's weights through the host (detach, attach)."""
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "model.drop_rate=0.0", "model.drop_path_rate=0.0")
+    model, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(runner.eval_batch)
+    before = runner.evaluate_loader([(images, labels)])
+    for _ in range(3):
+        runner.step(*batch(runner.host_batch))
+    after = runner.evaluate_loader([(images, labels)])
+    tm.eval()
+    with torch.no_grad():  # the host now holds the trained weights; its forward is the reference
+        expected = torch.nn.functional.cross_entropy(tm(images).float(), labels)
+    assert after["loss"] == pytest.approx(float(expected), rel=1e-4) and after["loss"] != before["loss"]
+
+
+def test_compile_builds_both_programs_on_an_offline_target(poptorch, tmp_path):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2", "ipu.compile_only=true", f"ipu.executable_cache={tmp_path}")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    with pytest.raises(AssertionError, match="offline"):
+        runner.step(*batch(runner.host_batch))
+    runner.compile(*batch(runner.host_batch), *batch(runner.eval_batch))
+    assert runner.executor.isCompiled() and runner._inference.isCompiled()
+    assert poptorch.attached_programs() == [] and len(list(tmp_path.glob("*.popef"))) == 2
+
+
+def test_the_device_rng_state_is_set_once_compiled(poptorch):
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.micro_batch=2")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    assert runner.device_rng_state() is None
+    state = [5] + [7] * 16
+    runner.set_device_rng_state(state)  # from a checkpoint, before the first compilation
+    assert runner.device_rng_state() == state
+    runner.compile(*batch(runner.host_batch))
+    assert runner.executor.rng_state == state
+    assert runner.checkpoint_extra()["ipu_rng"] == state
+
+
+def test_preparing_leaves_the_host_rng_alone(poptorch):
+    """Options.randomSeed reseeds torch; a resumed run's restored RNG state must survive preparation."""
+    from ipu_effnet.backends import prepare
+
+    cfg = tiny_cfg("train.seed=3")
+    _, tm, opt = tiny_setup(cfg)
+    torch.manual_seed(1234)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    prepare("ipu", tm, opt, cfg)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_half_precision_keeps_fp32_gradient_accumulators(poptorch):
+    from ipu_effnet.backends.ipu import to_poptorch_optimizer
+
+    for precision in ("16.16", "16.32", "32.32"):
+        cfg = tiny_cfg(f"train.precision={precision}")
+        for name in ("rmsprop_tf", "adamw", "sgd"):
+            _, _, opt = tiny_setup(cfg, optimizer=name)
+            accum = to_poptorch_optimizer(opt, poptorch, cfg).accum_types
+            assert set(accum.values()) == {torch.float32}, (precision, name, accum)
+
+
+def test_engine_options_make_workers_deterministic_and_keep_the_users(poptorch, monkeypatch):
+    import json
+
+    from ipu_effnet.backends.ipu import build_options
+
+    monkeypatch.setenv("POPLAR_ENGINE_OPTIONS", json.dumps({"opt.enableMultiAccessCopies": "false"}))
+    build_options(tiny_cfg(), poptorch)
+    got = json.loads(__import__("os").environ["POPLAR_ENGINE_OPTIONS"])
+    assert got == {"target.deterministicWorkers": "portable", "opt.enableMultiAccessCopies": "false"}
+    monkeypatch.setenv("POPLAR_ENGINE_OPTIONS", "not json")
+    with pytest.raises(UsageError, match="POPLAR_ENGINE_OPTIONS"):
+        build_options(tiny_cfg(), poptorch)
+
+
+def test_a_non_power_of_two_ipu_count_is_refused_not_simulated(poptorch):
+    from ipu_effnet.backends.ipu import build_options
+
+    with pytest.raises(UsageError, match="powers of two"):
+        build_options(tiny_cfg("ipu.replicas=3"), poptorch)
+    build_options(tiny_cfg("ipu.replicas=4"), poptorch)  # 4 IPUs: fine
+
+
+def test_evaluation_pads_to_the_longest_shard(poptorch, monkeypatch, tmp_path):
+    """Every instance makes as many inference calls as the one with the longest shard."""
+    import os
+
+    from ipu_effnet.backends import prepare
+
+    monkeypatch.setenv("POPTORCH_DOUBLE_TRACE", str(tmp_path))
+    cfg = tiny_cfg("train.micro_batch=2")
+    _, tm, opt = tiny_setup(cfg)
+    runner = prepare("ipu", tm, opt, cfg)
+    images, labels = batch(3)
+    got = runner.evaluate_loader([(images[:2], labels[:2]), (images[2:], labels[2:])], batches=4)
+    assert got["samples"] == 3  # the padding batches are not counted
+    full = runner.evaluate_loader([(images[:2], labels[:2]), (images[2:], labels[2:])])
+    assert full == got
+    calls = (tmp_path / f"{os.getpid()}.log").read_text().split()
+    assert calls == ["inference"] * (4 + 2)

@@ -1,6 +1,6 @@
 """The IPU backend: the same `TrainingModel` compiled by poptorch, pipelined over IPUs and replicated.
 
-Written against poptorch's documented programming model (REFERENCE.md section 7): the loss is computed
+Written against poptorch's documented programming model (SDK 3.4): the loss is computed
 inside `forward` and marked with `poptorch.identity_loss`; `poptorch.trainingModel` runs forward,
 backward and the optimiser step as one compiled program; the host batch of one call is
 micro-batch x device iterations x local replicas x gradient accumulation; `poptorch.BeginBlock(module,
@@ -11,7 +11,7 @@ ipu_id=k)` starts pipeline stage k at a module; optimiser changes reach the devi
     metrics = runner.step(images, labels)      # {"loss", "correct", "samples"}, like TorchRunner
     loss, logits = runner.evaluate(images, labels)
 
-How the config maps onto poptorch (Graphcore's EfficientNet configs, REFERENCE.md section 6):
+How the config maps onto poptorch (Graphcore's EfficientNet configs, graphcore/examples vision/cnns/pytorch):
 
     ipu.replicas                 Options.replicationFactor (popdist.poptorch.Options under poprun)
     ipu.device_iterations        Options.deviceIterations (inference: at least the number of stages)
@@ -80,6 +80,9 @@ IPU_PRECISIONS: Dict[str, Tuple[torch.dtype, torch.dtype]] = {
 }
 
 MK2_IPU_VERSION = 2  # the offline compilation target for compile_only (GC200, IPU-POD)
+# Poplar engine options Graphcore's CNN training sets: replicas keep bitwise-identical weights
+# (stochastic rounding and other worker state are made deterministic across replicas).
+ENGINE_OPTIONS = {"target.deterministicWorkers": "portable"}
 
 
 def import_poptorch() -> Any:
@@ -103,7 +106,12 @@ def import_popdist() -> Any:
             raise UsageError("started by poprun (POPDIST_* is set) but popdist does not import: "
                              "pip install the popdist wheel of the Poplar SDK") from None
         return None
-    return popdist if popdist.isPopdistEnvSet() else None
+    if not popdist.isPopdistEnvSet():
+        return None
+    if not getattr(popdist, "ipu_effnet_initialised", False):  # once per process, first: Graphcore calls
+        popdist.init()                                           # it before horovod and any popdist Options
+        popdist.ipu_effnet_initialised = True
+    return popdist
 
 
 def poprun_instance() -> Tuple[int, int]:
@@ -205,6 +213,9 @@ def validate_ipu_config(cfg: Any, model: Optional[nn.Module] = None, instances: 
     if ipu.replicated_tensor_sharding and ipu.replicas < 2:
         raise UsageError("ipu.replicated_tensor_sharding = true shards optimiser state across replicas: "
                          f"it needs ipu.replicas >= 2 (got {ipu.replicas})")
+    if ipu.compile_only and not ipu.executable_cache:
+        raise UsageError("ipu.compile_only = true compiles into the executable cache: set ipu.executable_cache "
+                         "(e.g. --set ipu.executable_cache=ipu_cache)")
     if ipu.compile_only and ipu.ipu_model:
         raise UsageError("ipu.compile_only targets an offline Mk2 IPU, which cannot be combined with "
                          "ipu.ipu_model = true; drop one of them")
@@ -294,11 +305,16 @@ def build_options(cfg: Any, poptorch: Any, popdist: Any = None, train: bool = Tr
     if ipu.synthetic_data:
         opts.enableSyntheticData(True)
 
+    set_engine_options()
     if ipu.compile_only:
         opts.useOfflineIpuTarget(MK2_IPU_VERSION)
     else:
         needed = ipu.ipus_per_replica * layout.local_replicas
         use_model = bool(ipu.ipu_model)
+        if not use_model and needed & (needed - 1):
+            raise UsageError(f"this instance needs {ipu.ipus_per_replica} IPU(s) per replica x {layout.local_replicas} "
+                             f"local replica(s) = {needed} IPUs, but IPUs are acquired in powers of two; change "
+                             "ipu.replicas or ipu.ipus_per_replica (or use ipu.ipu_model = true)")
         if not use_model and not poptorch.ipuHardwareIsAvailable(needed):
             use_model = True
             if train:
@@ -309,6 +325,23 @@ def build_options(cfg: Any, poptorch: Any, popdist: Any = None, train: bool = Tr
                                  "use --set ipu.replicas=1 on the IPU Model")
             opts.useIpuModel(True)
     return opts
+
+
+def set_engine_options(environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Add ENGINE_OPTIONS to POPLAR_ENGINE_OPTIONS (JSON; keys already there win), as Graphcore's
+    published commands do; returns the resulting options."""
+    import json
+
+    env = os.environ if environ is None else environ
+    try:
+        current = json.loads(env.get("POPLAR_ENGINE_OPTIONS") or "{}")
+    except ValueError:
+        raise UsageError(f"POPLAR_ENGINE_OPTIONS = {env['POPLAR_ENGINE_OPTIONS']!r} is not a JSON object") from None
+    if not isinstance(current, dict):
+        raise UsageError(f"POPLAR_ENGINE_OPTIONS = {env['POPLAR_ENGINE_OPTIONS']!r} is not a JSON object")
+    merged = {**ENGINE_OPTIONS, **current}
+    env["POPLAR_ENGINE_OPTIONS"] = json.dumps(merged)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,6 +385,9 @@ def prepare_model(training_model: nn.Module, cfg: Any, poptorch: Any) -> nn.Modu
     if dtype != torch.float32:
         network.to(dtype)  # ProxyNormAct rebuilds its quantile points in fp32 (norms/proxy.py)
     training_model.mark_loss = functools.partial(poptorch.identity_loss, reduction="none")
+    if getattr(training_model, "ipu_stages_marked", False):  # a later stage's program: already annotated
+        return training_model
+    training_model.ipu_stages_marked = True
     for ipu_id, path, module in stage_starts(network, cfg.ipu.pipeline_splits, "ipu.pipeline_splits"):
         _set_submodule(network, path, poptorch.BeginBlock(module, user_id=path, ipu_id=ipu_id))
     for module in resolve_module_paths(network, cfg.ipu.recompute, "ipu.recompute"):
@@ -387,10 +423,10 @@ def to_poptorch_optimizer(optimizer: torch.optim.Optimizer, poptorch: Any, cfg: 
     weight decay), hyperparameters and lr, plus loss scaling and fp32 optimiser state."""
     from ipu_effnet.training.optim import RMSpropTF
 
-    dtype, partials = IPU_PRECISIONS[cfg.train.precision]
+    dtype, _ = IPU_PRECISIONS[cfg.train.precision]
     half = dtype == torch.float16
     loss_scaling = float(cfg.ipu.loss_scaling) if (half or cfg.ipu.auto_loss_scaling) else 1.0
-    accum_type = torch.float16 if partials == torch.float16 else torch.float32
+    accum_type = torch.float32  # gradient accumulators stay fp32 at every precision, as Graphcore's
     groups = [{"params": list(g["params"]), "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
               for g in optimizer.param_groups]
     d = optimizer.defaults
@@ -418,15 +454,28 @@ def to_poptorch_optimizer(optimizer: torch.optim.Optimizer, poptorch: Any, cfg: 
 
 
 class IpuRunner:
-    """Training steps of a poptorch.trainingModel; the same `step` contract as TorchRunner.
+    """Training steps of a poptorch.trainingModel and validation through a poptorch.inferenceModel over
+    the same TrainingModel; the same `step` contract as TorchRunner.
+
+    Device lifecycle (Graphcore's): both programs need the same IPUs, so exactly one is attached at a
+    time. `step` detaches the inference program if it holds the IPUs, and the training program then
+    re-attaches (uploading the host weights, which detaching it had brought back). `evaluate_loader`
+    detaches the training program (its weights come to the host), runs the inference program (attaching
+    uploads the host weights; an attached one gets `copyWeightsToDevice`) and detaches it again at the
+    end. `release` destroys both programs at a phase's end, so the next phase gets the IPUs.
 
     The loop sets the learning rate on the host optimiser (`set_lr`); `step` pushes it to the device with
     `setOptimizer` only when it changed since the last push.
     """
 
+    # A compiled program takes one input signature and keeps its graph (dropout rates, mixing inputs):
+    # progressive resizing releases the runner at each stage change and prepares a new one.
+    compiled_per_stage = True
+
     def __init__(self, executor: Any, ipu_optimizer: Any, optimizer: torch.optim.Optimizer,
                  training_model: nn.Module, layout: IpuLayout, poptorch: Any,
-                 inference_options: Any = None, instance: int = 0, instances: int = 1) -> None:
+                 inference_options: Any = None, instance: int = 0, instances: int = 1,
+                 cache_dir: Optional[str] = None) -> None:
         self.executor = executor
         self.ipu_optimizer = ipu_optimizer
         self.optimizer = optimizer
@@ -436,9 +485,11 @@ class IpuRunner:
         self.inference_options = inference_options
         self.instance = instance  # for data sharding: rank = instance, world_size = instances
         self.instances = instances
+        self.cache_dir = cache_dir
         self._pushed_lrs = self._host_lrs()
         self._inference: Any = None
-        self._inference_ran = False
+        self._pending_rng: Optional[List[int]] = None  # a device RNG state to set once compiled
+        self._released = False
 
     @property
     def host_batch(self) -> int:
@@ -478,41 +529,82 @@ class IpuRunner:
             raise ValueError(f"the IPU program takes host batches of exactly {expected} images "
                              f"({self.layout.describe()}); got {images.shape[0]}")
 
+    def _check_live(self) -> None:
+        if self._released:
+            raise RuntimeError("the IPU programs were released (release()); prepare a new runner")
+
+    @staticmethod
+    def _detach(program: Any) -> None:
+        if program is not None and program.isAttachedToDevice():
+            program.detachFromDevice()  # a training program copies its weights to the host first
+
+    def _compile_training(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Compile the training program (attaching it, online) and give it the pending device RNG state."""
+        if not self.executor.isCompiled():
+            self.executor.compile(*inputs)
+            if self._pending_rng is not None:
+                self.executor.rng_state = list(self._pending_rng)
+                self._pending_rng = None
+
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        self._check_live()
         self._check_batch(images, labels, self.layout.host_batch)
+        self._detach(self._inference)  # the training program re-attaches to the IPUs it frees
         self.sync_lr()
         self.training_model.train()  # evaluate() switches the shared model to eval mode
-        loss, logits = self.executor(images, labels, *self.mixing_inputs(images))
+        inputs = (images, labels, *self.mixing_inputs(images))
+        self._compile_training(inputs)
+        loss, logits = self.executor(*inputs)
         n = int(labels.shape[0])
         correct = int((logits.detach().float().argmax(-1).reshape(-1) == labels.reshape(-1)).sum())
         return {"loss": float(loss.detach().float().mean()), "correct": correct, "samples": n}
 
-    def compile(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Compile (and with ipu.executable_cache, cache) the training program without running it."""
+    def _inference_program(self) -> Any:
+        if self._inference is None:
+            self._inference = self.poptorch.inferenceModel(self.training_model.eval(), self.inference_options)
+        return self._inference
+
+    def compile(self, images: torch.Tensor, labels: torch.Tensor,
+                eval_images: Optional[torch.Tensor] = None, eval_labels: Optional[torch.Tensor] = None) -> None:
+        """Compile (and with ipu.executable_cache, cache) the training program, and the inference program
+        when given an evaluation batch, without running either (ipu.compile_only: an offline target)."""
+        self._check_live()
         self._check_batch(images, labels, self.layout.host_batch)
-        self.executor.compile(images, labels, *self.mixing_inputs(images))
+        self.training_model.train()
+        self._compile_training((images, labels, *self.mixing_inputs(images)))
+        if eval_images is not None:
+            self._check_batch(eval_images, eval_labels, self.layout.eval_host_batch)
+            self._detach(self.executor)
+            self.training_model.eval()
+            self._inference_program().compile(eval_images, eval_labels)
+            self._detach(self._inference)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(per-micro-batch losses, logits) of a batch of eval_batch images, through poptorch.inferenceModel
-        over the same TrainingModel (weights follow the training program's)."""
+        over the same TrainingModel, with the training program detached. Leaves the inference program
+        attached (evaluate_loader detaches it at the end)."""
+        self._check_live()
         self._check_batch(images, labels, self.layout.eval_host_batch)
-        if self._inference is None:
-            self._inference = self.poptorch.inferenceModel(self.training_model.eval(), self.inference_options)
-        if self.executor.isAttachedToDevice():
-            self.executor.copyWeightsToHost()
-            self.executor.detachFromDevice()  # both programs need the same IPUs
-        return self._inference(images, labels)
+        self._detach(self.executor)
+        return self._inference_program()(images, labels)
 
     def evaluate_loader(self, loader: Any,
-                        reduce: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None) -> Dict[str, float]:
+                        reduce: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None,
+                        batches: Optional[int] = None) -> Dict[str, float]:
         """Top-1, top-5 (fractions), mean plain cross entropy and sample count over `loader`'s batches of
         at most eval_batch images (a short last batch is padded, and the padding not counted), like
         `training.loop.evaluate`. Picks up the host model's current weights (e.g. swapped-in averages).
-        `reduce` sums the counts over poprun instances (each evaluates its own shard)."""
-        if self._inference is not None and self._inference_ran:
-            self._inference.copyWeightsToDevice()
+        `reduce` sums the counts over poprun instances (each evaluates its own shard); `batches`: run at
+        least this many calls, padding with uncounted batches, so that every instance makes as many
+        calls as the one with the longest shard (the replicas of one program run in lockstep)."""
+        self._check_live()
+        self._detach(self.executor)  # the trained weights come to the host
+        if self._inference is not None and self._inference.isAttachedToDevice():
+            self._inference.copyWeightsToDevice()  # the host weights may have changed since the last call
         sums = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "samples": 0.0}
         size = self.layout.eval_host_batch
+        calls = 0
+        filler: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         for images, labels in loader:
             n = int(labels.shape[0])
             if n > size:
@@ -521,15 +613,20 @@ class IpuRunner:
                 pad = size - n
                 images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])])
                 labels = torch.cat([labels, labels[:1].expand(pad)])
+            filler = (images, labels)
             _, logits = self.evaluate(images, labels)
+            calls += 1
             logits, labels = logits.float()[:n], labels[:n]
-            self._inference_ran = True
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == labels[:, None]
             sums["correct1"] += float(hit[:, 0].sum())
             sums["correct5"] += float(hit.any(1).sum())
             sums["loss"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             sums["samples"] += n
+        while batches is not None and calls < batches and filler is not None:
+            self.evaluate(*filler)  # padding: run, not counted
+            calls += 1
+        self._detach(self._inference)  # the training program re-attaches at the next step
         if reduce is not None:
             sums = reduce(sums)
         total = max(sums["samples"], 1.0)
@@ -551,6 +648,31 @@ class IpuRunner:
         self.ipu_optimizer.load_state_dict(dict(state))  # the object the executor holds: no setOptimizer
         self._pushed_lrs = [float(g["lr"]) for g in self.ipu_optimizer.param_groups]  # what the device gets
 
+    def device_rng_state(self) -> Optional[List[int]]:
+        """The training program's RNG seed and state (dropout, stochastic depth and stochastic rounding
+        on the device), or the state waiting to be set; None before the first compilation."""
+        if self.executor.isCompiled():
+            return [int(v) for v in self.executor.rng_state]
+        return list(self._pending_rng) if self._pending_rng is not None else None
+
+    def set_device_rng_state(self, state: Optional[Sequence[int]]) -> None:
+        """Restore `device_rng_state()` (a resumed run): now if compiled, else right after compiling."""
+        if state is None:
+            return
+        if self.executor.isCompiled():
+            self.executor.rng_state = [int(v) for v in state]
+        else:
+            self._pending_rng = [int(v) for v in state]
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        """What a checkpoint needs besides the host model: the device optimiser state and the device RNG."""
+        return {"ipu_optimizer": self.optimizer_state(), "ipu_rng": self.device_rng_state()}
+
+    def restore_extra(self, extra: Mapping[str, Any]) -> None:
+        if extra.get("ipu_optimizer") is not None:
+            self.load_optimizer_state(extra["ipu_optimizer"])
+        self.set_device_rng_state(extra.get("ipu_rng"))
+
     def sync_weights_to_host(self) -> None:
         """Bring the trained weights back into the host model (before averaging or a checkpoint)."""
         if self.executor.isAttachedToDevice():
@@ -558,8 +680,19 @@ class IpuRunner:
 
     def detach(self) -> None:
         for program in (self.executor, self._inference):
-            if program is not None and program.isAttachedToDevice():
-                program.detachFromDevice()
+            self._detach(program)
+
+    def release(self) -> None:
+        """Destroy both programs (weights and optimiser state come to the host first): the IPUs are free
+        for the next phase or stage, and the model's tensors are plain again. Idempotent."""
+        if self._released:
+            return
+        if self._inference is not None:
+            self._inference.destroy()
+        if self.executor.isCompiled():
+            self._pending_rng = self.device_rng_state()
+        self.executor.destroy()
+        self._released = True
 
 
 def create_data_loader(options: Any, dataset: Any, micro_batch: int, train: bool, workers: int,
@@ -583,8 +716,12 @@ def prepare_ipu(training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg
     instance = popdist.getInstanceIndex() if popdist is not None else 0
     layout = validate_ipu_config(cfg, training_model.model, instances=instances, num_samples=num_samples,
                                  phase=phase)
+    host_rng = torch.get_rng_state()
     train_opts = build_options(cfg, poptorch, popdist, train=True, log=say)
     infer_opts = build_options(cfg, poptorch, popdist, train=False)
+    # Options.randomSeed also reseeds torch's host RNG: put back the caller's state (a resumed run's,
+    # restored from its checkpoint, or the running one at a stage change)
+    torch.set_rng_state(host_rng)
     prepare_model(training_model, cfg, poptorch)
     ipu_optimizer = to_poptorch_optimizer(optimizer, poptorch, cfg)
     step = HostMixedStep(training_model, training_model.mixup_alpha > 0, training_model.cutmix)
@@ -593,7 +730,8 @@ def prepare_ipu(training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg
         f"{layout.global_batch}; precision {cfg.train.precision}"
         + (f"; poprun instance {instance + 1}/{instances}" if instances > 1 else ""))
     return IpuRunner(executor, ipu_optimizer, optimizer, training_model, layout, poptorch,
-                     inference_options=infer_opts, instance=instance, instances=instances)
+                     inference_options=infer_opts, instance=instance, instances=instances,
+                     cache_dir=str(cfg.ipu.executable_cache) if cfg.ipu.executable_cache else None)
 
 
 def check_recipes(paths: Sequence[str]) -> List[IpuLayout]:

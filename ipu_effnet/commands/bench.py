@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device == "ipu" and args.precision != "fp32":  # the IPU workload takes no autocast: it would run fp32
+        raise UsageError(f"bench --device ipu --precision {args.precision}: the IPU workload runs fp32 only; "
+                         "measure IPU half precision with `train --set backend=ipu --set train.precision=16.16`")
     if args.vs is not None and args.peer is not None:
         raise UsageError("--vs and --peer both name configuration B; give one (--peer geffnet = --vs impl=geffnet)")
     configs = [config_from_args(args)]

@@ -68,7 +68,10 @@ class WeightAverager:
 
     def _stored(self, value: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(value.dtype, torch.float32) if value.is_floating_point() else value.dtype
-        return value.detach().to(device=self.device if self.device is not None else value.device, dtype=dtype, copy=True)
+        # as_subclass: a tensor subclass (poptorch's wrapped buffers keep theirs through detach) is stored
+        # as the plain tensor a checkpoint can hold
+        return value.detach().as_subclass(torch.Tensor).to(device=self.device if self.device is not None else value.device,
+                                                           dtype=dtype, copy=True)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "make_checkpoint",
+    "plain_state",
     "prune_checkpoints",
     "rebuild_model",
     "restore_checkpoint",
@@ -142,6 +143,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def plain_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """A state dict with every tensor a plain torch.Tensor: after poptorch.trainingModel a model's
+    buffers are a tensor subclass that survives detach(), which a weights_only load refuses."""
+    return {name: value.detach().as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+            for name, value in state.items()}
+
+
 def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *, epoch: float,
                     step: int, averagers: Optional[Mapping[str, Any]] = None,
                     config: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
@@ -155,7 +163,7 @@ def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "model": net.state_dict(),
+        "model": plain_state(net.state_dict()),
         "model_args": copy.deepcopy(dict(model_args)) if model_args is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "epoch": epoch,

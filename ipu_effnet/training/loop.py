@@ -211,6 +211,27 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step")
 
 
+def compile_only(runner: Any, train_loader: Any, val_loader: Any, cfg: Config, run_dir: Path,
+                 say: Callable[[str], None]) -> Dict[str, Any]:
+    """ipu.compile_only: compile the training and inference programs for the first batches' shapes into
+    ipu.executable_cache, release them and return a summary naming the cache (nothing is trained)."""
+    images, labels = next(iter(train_loader))
+    eval_images, eval_labels = next(iter(val_loader))
+    pad = runner.eval_batch - int(eval_labels.shape[0])
+    if pad > 0:
+        eval_images = torch.cat([eval_images, eval_images[:1].expand(pad, *eval_images.shape[1:])])
+        eval_labels = torch.cat([eval_labels, eval_labels[:1].expand(pad)])
+    runner.compile(images, labels, eval_images, eval_labels)
+    runner.release()
+    cache = str(Path(cfg.ipu.executable_cache).resolve())
+    say(f"compile only: training and inference programs compiled into {cache}; nothing trained")
+    summary = {"recipe": cfg.recipe, "compile_only": True, "executable_cache": cache}
+    if run_dir.is_dir():
+        with open(run_dir / "summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
 def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
           overrides: Any = (), log: Callable[[str], None] = print,
           phase: Optional[PhaseOptions] = None) -> Dict[str, Any]:
@@ -299,20 +320,29 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if ckpt is not None:
         epoch_done, step = restore_checkpoint(ckpt, model, optimizer, averagers)
         start_epoch = int(epoch_done)
-    if backend != "torch":  # after the restore, so the restored weights are what goes to the device / stages
+    # the first stage's regularisation before any program is built (a compiled program keeps its graph)
+    apply_stage(stages[stage_index(start_epoch, num_epochs, len(stages))], model, tm)
+
+    def prepare_runner() -> Any:
         from ipu_effnet.backends import prepare
 
+        return prepare(backend, tm, optimizer, cfg, log=say, device=device, num_samples=len(train_set) // shard[1])
+
+    if backend != "torch":  # after the restore, so the restored weights are what goes to the device / stages
         if backend == "ipu":
             info.collectives.broadcast_module(model)  # every instance starts from instance 0's weights
-        runner = prepare(backend, tm, optimizer, cfg, log=say, device=device, num_samples=len(train_set) // shard[1])
-        if backend == "ipu" and ckpt is not None and (ckpt.get("extra") or {}).get("ipu_optimizer") is not None:
-            runner.load_optimizer_state(ckpt["extra"]["ipu_optimizer"])
+        runner = prepare_runner()
+        if ckpt is not None and hasattr(runner, "restore_extra"):  # device optimiser state and RNG
+            runner.restore_extra(ckpt.get("extra") or {})
     else:
         runner = TorchRunner(net, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
+    if backend == "ipu" and cfg.ipu.compile_only:  # compile both programs for the first batches' shapes, stop
+        return compile_only(runner, train_loader, val_loader, cfg, run_dir, say)
+    val_batches = math.ceil(math.ceil(len(val_set) / shard[1]) / eval_batch)  # the longest shard's calls
 
     def run_eval() -> Dict[str, float]:
         if backend == "ipu":
-            return runner.evaluate_loader(val_loader, reduce=info.collectives.all_reduce_sum)
+            return runner.evaluate_loader(val_loader, reduce=info.collectives.all_reduce_sum, batches=val_batches)
         return evaluate(tm, val_loader, device, cfg.train.precision, info)
 
     bn_batches = cfg.train.bn_recalibration_batches
@@ -369,9 +399,9 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
 
     def save(epoch_mark: float, extra: Dict[str, Any]) -> Path:
         """Write a checkpoint at epoch `epoch_mark` and the current step (rank 0); the previous one
-        stays if the write fails. On the IPU backend it also holds the device-side optimiser state."""
-        if backend == "ipu":
-            extra = dict(extra, ipu_optimizer=runner.optimizer_state())
+        stays if the write fails. On the IPU backend it also holds the device-side optimiser and RNG state."""
+        if hasattr(runner, "checkpoint_extra"):
+            extra = dict(extra, **runner.checkpoint_extra())
         state = make_checkpoint(model, optimizer, epoch=epoch_mark, step=step, averagers=averagers,
                                 config=cfg.to_dict(), extra=extra)
         return faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch_mark, step), state,
@@ -385,6 +415,14 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                                              rank=shard[0], world_size=shard[1])
                 say(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.resolution} px, dropout "
                     f"{stage.dropout}, RandAugment {stage.randaugment}, mixup {stage.mixup}")
+            if current is not None and getattr(runner, "compiled_per_stage", False):
+                # one program per stage (a compiled program keeps its input shapes and graph): the old
+                # one is destroyed, its optimiser and RNG state carried into the next
+                carried = runner.checkpoint_extra()
+                runner.release()
+                apply_stage(stage, model, tm)
+                runner = prepare_runner()
+                runner.restore_extra(carried)
             apply_stage(stage, model, tm)
             current = stage
         train_loader.set_epoch(epoch)
@@ -459,6 +497,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if ema is not None:
         with ema.swapped_in(model):
             val_ema = run_eval()
+    if hasattr(runner, "release"):  # the IPUs are free for the next phase
+        runner.release()
     summary = {
         "recipe": cfg.recipe,
         "phase": phase.name,

@@ -270,6 +270,8 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
         log(f"halfres: phase 1/2, training at {half} px in {train_dir}")
         main = train(main_cfg, train_dir, resume=resume and latest_checkpoint(train_dir) is not None,
                      source=source, overrides=overrides, log=log, phase=PhaseOptions(name="train"))
+        if main.get("compile_only"):  # ipu.compile_only: phase 1's programs are compiled; nothing to fine-tune
+            return main
     ft = _done(ft_dir) if resume else None
     if ft is None:
         ckpt = load_checkpoint(latest_checkpoint(train_dir))

@@ -1,6 +1,16 @@
-"""popdist double: reads the layout from POPDIST_* variables that tests set, as poprun would."""
+"""popdist double: reads the layout from POPDIST_* variables that tests set, as poprun would.
+
+`init()` records that it ran (Graphcore calls it first, before horovod or any popdist.poptorch.Options);
+`INIT_CALLS` lets tests check the order."""
 
 import os
+from typing import List
+
+INIT_CALLS: List[int] = []  # one entry per init() call
+
+
+def init() -> None:
+    INIT_CALLS.append(1)
 
 
 def isPopdistEnvSet() -> bool:

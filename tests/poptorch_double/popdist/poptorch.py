@@ -1,4 +1,5 @@
-"""popdist.poptorch double: Options with the local replication factor already set."""
+"""popdist.poptorch double: Options with the local replication factor already set; setting it again
+raises, as popdist's Options do (poprun decides the replicas)."""
 
 import poptorch
 
@@ -11,3 +12,8 @@ class Options(poptorch.Options):
         self.popdist = True
         self.ipus_per_replica = ipus_per_replica
         self.replication_factor = popdist.getNumLocalReplicas()
+        self.init_before = bool(popdist.INIT_CALLS)  # whether popdist.init() ran before these options
+
+    def replicationFactor(self, n: int) -> "Options":
+        raise RuntimeError("Cannot call `replicationFactor` in popdist mode: poprun sets the replicas "
+                           "(--num-replicas)")
