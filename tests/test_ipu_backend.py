@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -70,7 +69,6 @@ def batch(n, res=32, classes=10):
 
 
 def test_backend_ipu_without_poptorch_exits_2_naming_the_sdk():
-    start = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "ipu_effnet", "train", "--config",
                           "configs/efficientnet-b0-g16-gn-pod16.yaml", "--set", "backend=ipu", "--out", "/nonexistent/x"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -78,7 +76,6 @@ def test_backend_ipu_without_poptorch_exits_2_naming_the_sdk():
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "poptorch" in lines[0] and "Poplar SDK" in lines[0]
     assert "requirements-ipu.txt" in lines[0]
-    assert time.monotonic() - start < 60
 
 
 def test_auto_falls_back_to_torch_with_one_log_line():
