@@ -276,7 +276,7 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
     depend on when each run happened to train on a shared machine (the in-run average, the "(run)"
     column, does). The models are trained in place: pass copies."""
     import torch
-    from tqdm import tqdm
+    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
 
     from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
     from ipu_effnet.backends.torch_backend import TorchRunner
@@ -352,7 +352,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
 
     `overrides` apply to every recipe (after its own). Configs are all loaded and checked before any
     training starts, so a typo in the last recipe fails in a second, not after an hour."""
-    from tqdm import tqdm
+    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
 
     from ipu_effnet.analysis.sweep import (
         best_row,
