@@ -8,7 +8,6 @@ import pytest
 pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer  # noqa: E402
 
 from ipu_effnet.config import load  # noqa: E402
 from ipu_effnet.errors import UsageError  # noqa: E402
@@ -97,21 +96,9 @@ def test_resumed_run_purges_what_followed_its_checkpoint(tmp_path):
 def test_tensorboard_setting(monkeypatch):
     assert tb.want_tensorboard(None) and tb.want_tensorboard(True) and not tb.want_tensorboard(False)
     monkeypatch.setattr(tb, "tensorboard_available", lambda: False)
-    assert not tb.want_tensorboard(None)
+    monkeypatch.setattr(tb, "_said_missing", [])
+    said = []
+    assert not tb.want_tensorboard(None, said.append) and not tb.want_tensorboard(None, said.append)
+    assert len(said) == 1 and "requirements-extras.txt" in said[0]  # once per process
     with pytest.raises(UsageError, match="requirements-extras.txt"):
         tb.want_tensorboard(True)
-
-
-def test_run_list_of_a_comparison_names_each_recipe(tmp_path):
-    from ipu_effnet.analysis.compare import BenchSettings, Recipe, compare
-
-    tiny = TINY + ["train.epochs=1", "finetune.epochs=1", "finetune.resolution=32"]
-    recipes = [Recipe("a-native", str(ROOT / "configs" / "tiny-cpu.yaml")),
-               Recipe("b-halfres", str(ROOT / "configs" / "tiny-cpu.yaml"), ["recipe=halfres"])]
-    bench = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, memory=False)
-    compare(recipes, tmp_path / "cmp", overrides=tiny, sweep_resolutions=[32], bench=bench, progress=False,
-            log=lambda _m: None)
-    mux = EventMultiplexer()
-    mux.AddRunsFromDirectory(str(tmp_path / "cmp"))
-    mux.Reload()
-    assert sorted(mux.Runs()) == [str(Path("runs") / name / "tensorboard") for name in ("a-native", "b-halfres")]

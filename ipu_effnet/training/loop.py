@@ -227,7 +227,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             return run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
         phase = PhaseOptions()
     run_dir = Path(run_dir)
-    use_tb = want_tensorboard(cfg.logging.tensorboard)  # set to true without the package: stop before any work
+    use_tb = want_tensorboard(cfg.logging.tensorboard, log)  # true without the package: stop before any work
     info = init_distributed(cfg.distributed.backend)
     say = log if info.is_main else (lambda _msg: None)
     backend = resolve_backend(cfg.backend, log=say)

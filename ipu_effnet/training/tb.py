@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ipu_effnet.errors import UsageError
 
@@ -46,15 +46,21 @@ def tensorboard_available() -> bool:
     return True
 
 
-def want_tensorboard(setting: Optional[bool]) -> bool:
+_said_missing = []
+
+
+def want_tensorboard(setting: Optional[bool], log: Optional[Callable[[str], None]] = None) -> bool:
     """logging.tensorboard: False off, True on (an error naming the install when the package is missing),
-    None on exactly when the package imports."""
+    None on exactly when the package imports (when it does not, `log` hears so once per process)."""
     if setting is False:
         return False
     if tensorboard_available():
         return True
     if setting:
         raise UsageError(f"logging.tensorboard = true but the tensorboard package is not installed: {EXTRAS_HINT}")
+    if log is not None and not _said_missing:
+        _said_missing.append(True)
+        log(f"note: no TensorBoard event files (the tensorboard package is not installed: {EXTRAS_HINT})")
     return False
 
 
