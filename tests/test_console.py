@@ -44,8 +44,9 @@ def test_short_work_and_disabled_bars_print_nothing(capsys):
 
 
 def test_progress_bar_is_plain_when_stderr_is_not_a_terminal(monkeypatch):
-    monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))
-    assert isinstance(progress_bar(total=3, desc="x"), LineProgress)
+    with open(os.devnull, "w") as null:
+        monkeypatch.setattr(sys, "stderr", null)
+        assert isinstance(progress_bar(total=3, desc="x"), LineProgress)
 
 
 def test_ranks_other_than_the_main_one_print_only_to_stderr():

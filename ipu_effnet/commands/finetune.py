@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint {stop.checkpoint}; resume by running "
               f"the same finetune command again (it continues in {out})", flush=True)
         return 0
-    print(f"fine-tuned at {args.res} px: top-1 {summary['val_top1']:.2%} (before {summary.get('val_top1_before_finetune')}); "
+    before = summary.get("val_top1_before_finetune")
+    print(f"fine-tuned at {args.res} px: top-1 {summary['val_top1']:.2%} (weight-averaged "
+          f"{summary['val_top1_averaged']:.2%}; before {'-' if before is None else format(before, '.2%')}); "
           f"{out / 'summary.json'}")
     return 0
 

@@ -321,8 +321,8 @@ def load_pretrained(model: nn.Module, path: os.PathLike, fmt: str = "auto",
     model.load_state_dict(new, strict=True)
     if report.reinitialised:
         classes = state[mapping["classifier.weight"]].shape[0]
-        log(f"init-from {path}: classifier re-initialised: the file's has {classes} classes, the model "
-            f"{own['classifier.weight'].shape[0]} ({', '.join(report.reinitialised)})")
+        log(f"init-from {path}: classifier re-initialised: the file's classifier has {classes} classes, the "
+            f"model's {own['classifier.weight'].shape[0]} ({', '.join(report.reinitialised)})")
     notes = []
     if report.counters_missing:
         notes.append(f"{report.counters_missing} BatchNorm counters not in the file (kept)")

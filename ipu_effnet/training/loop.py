@@ -209,8 +209,9 @@ class MetricsLog:
 
 
 def _progress(total: int, desc: str, enabled: bool, interval: float = 60.0):
-    from ipu_effnet.console import progress_bar  # tqdm on a terminal, a plain line every `interval` s in a log
+    from ipu_effnet.console import progress_bar
 
+    # tqdm on a terminal; a plain line every `interval` seconds in a log file
     return progress_bar(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step",
                         interval=interval)
 
