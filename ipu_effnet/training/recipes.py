@@ -23,6 +23,9 @@ progressive (EfficientNetV2 Algorithm 1; REFERENCE.md section 2)
     interpolated the same way. Weights, optimiser and learning-rate schedule run on across stages.
 
 A phase is complete when its summary.json exists; an interrupted one resumes from its newest checkpoint.
+TensorBoard events of every phase go into `run_dir/tensorboard/` (training/tb.py), a later phase's steps
+counted on from the earlier one's. With model.init_from, norm.eps and model.padding are first set to
+those the weights were trained with (models/importer.py).
 
 Half-resolution sizes: the paper's for B0..B5 (160, 176, 192, 204, 252, 328, also for their G16
 variants) and model.resolution when set; otherwise `halfres_rule`: native / sqrt(2) (half the pixels)
