@@ -17,6 +17,10 @@ VENV="${VENV%/}"
 LOCK="$VENV.lock"
 REQ="$(abspath "${IPU_EFFNET_REQUIREMENTS:-$ROOT/requirements.txt}")"
 TEST_REQ="$(abspath "${IPU_EFFNET_TEST_REQUIREMENTS:-$ROOT/requirements-test.txt}")"
+# Optional features (TensorBoard, ONNX export) and the tests' peers installed without their dependencies:
+# installed with the test extras when the files exist.
+EXTRAS_REQ="$ROOT/requirements-extras.txt"
+NODEPS_REQ="$ROOT/requirements-test-nodeps.txt"
 BASE_PYTHON="${PYTHON:-python3}"
 NO_VENV="${IPU_EFFNET_NO_VENV:-0}"
 case "$NO_VENV" in 0 | "" | false | no) NO_VENV=0 ;; *) NO_VENV=1 ;; esac
@@ -42,8 +46,10 @@ Relative paths in arguments are relative to the repository root.
 
 run.sh's own commands:
   help                  this text, then the ipu_effnet commands
-  setup [--test]        create or update the virtualenv (--test: with the test extras), then exit
-  test [pytest args]    also install requirements-test.txt, then python -m pytest (default: tests/)
+  setup [--test]        create or update the virtualenv (--test: with the test and optional extras), then exit
+  test [pytest args]    also install requirements-test.txt, requirements-extras.txt (tensorboard, onnx,
+                        onnxruntime) and requirements-test-nodeps.txt (with --no-deps), then python -m
+                        pytest (default: tests/)
   lint [ruff args]      ruff check ipu_effnet norms tests
   env                   print the interpreter, virtualenv and package versions in use
   python [args]         run the environment's python, e.g. ./run.sh python -c 'import torch'
@@ -87,10 +93,12 @@ create_venv() {
         die "'$BASE_PYTHON -m venv $VENV' failed (on Debian/Ubuntu: apt-get install python3-venv)"
 }
 
-# ensure_requirements NAME FILE: make sure FILE is installed in the virtualenv.
-# Fast path (no lock): the virtualenv's python exists and its stamp NAME holds FILE's hash.
+# ensure_requirements NAME FILE [PIP ARGS...]: make sure FILE is installed in the virtualenv (with the
+# extra pip arguments, e.g. --no-deps). Fast path (no lock): the virtualenv's python exists and its
+# stamp NAME holds FILE's hash.
 ensure_requirements() {
     local name="$1" file="$2" stamp want have="" created=0
+    shift 2
     [ -f "$file" ] || die "requirements file not found: $file"
     stamp="$VENV/.ipu_effnet-$name.stamp"
     want="$(file_hash "$file")"
@@ -126,7 +134,7 @@ ensure_requirements() {
         fi
         rm -f "$stamp"
         local rc=0
-        "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" -r "$file" || rc=$?
+        "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" "$@" -r "$file" || rc=$?
         [ "$rc" = 0 ] || die "pip install -r $(short "$file") failed (exit $rc); see pip's output above"
         printf '%s\n' "$want" >"$stamp.tmp.$$"
         mv -f "$stamp.tmp.$$" "$stamp"
@@ -145,6 +153,9 @@ prepare() {
     ensure_requirements requirements "$REQ"
     if [ "${1:-}" = test ]; then
         ensure_requirements test "$TEST_REQ"
+        if [ -f "$EXTRAS_REQ" ]; then ensure_requirements extras "$EXTRAS_REQ"; fi
+        # --no-deps: these declare torchvision, which pip would resolve to another torch
+        if [ -f "$NODEPS_REQ" ]; then ensure_requirements test-nodeps "$NODEPS_REQ" --no-deps; fi
     fi
     PY="$VENV/bin/python"
     export VIRTUAL_ENV="$VENV"

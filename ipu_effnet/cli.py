@@ -32,6 +32,8 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("compare", "ipu_effnet.commands.compare", "run, sweep and measure several recipes: one table and two plots"),
     ("quickstart", "ipu_effnet.commands.quickstart", "a small recipe comparison on the digits data, on CPU in minutes"),
     ("bench", "ipu_effnet.commands.bench", "measure training/inference images per second, optionally against another configuration"),
+    ("export", "ipu_effnet.commands.export", "the inference copy of a run's network as ONNX or TorchScript (dynamic batch)"),
+    ("predict", "ipu_effnet.commands.predict", "top-k classes of image files with a run's network"),
 ]
 
 
@@ -56,6 +58,9 @@ def build_parser(commands: Sequence[Tuple[str, str, str]] = COMMANDS) -> Tuple[a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ipu_effnet.console import quiet_other_ranks
+
+    quiet_other_ranks()  # torchrun/poprun: only the main process prints to stdout; all keep stderr
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -46,8 +46,10 @@ __all__ = [
     "DIST_BACKENDS",
     "JPEG_DECODERS",
     "LR_SCHEDULES",
+    "INIT_FORMATS",
     "NORM_KINDS",
     "OPTIMIZERS",
+    "PADDINGS",
     "PRECISIONS",
     "RECIPES",
     "RESAMPLERS",
@@ -84,6 +86,9 @@ HOST_COLLECTIVES = ("auto", "horovod", "gloo")  # backends/host_collectives.py
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # backend pipeline: torch.distributed.pipelining schedules
 JPEG_DECODERS = ("auto", "pillow", "simplejpeg")  # data/decode.py
 RESAMPLERS = ("auto", "pillow", "torch")  # data/decode.py: the training crop's resize
+PADDINGS = ("symmetric", "same")  # models/padding.py
+INIT_FORMATS = ("auto", "ipu_effnet", "timm", "geffnet", "tf_efficientnet", "torchvision",
+                "efficientnet_pytorch")  # models/importer.py
 
 DEFAULTS_SOURCE = "<defaults>"
 OVERRIDE_SOURCE = "--set"
@@ -128,6 +133,9 @@ class ModelConfig:
     drop_path_rate: float = option(0.2, ge=0, lt=1)  # stochastic depth at the last block
     resolution: Optional[int] = option(None, ge=8)  # training resolution; None: the model's native one
     fit_group_size: bool = False  # True: use gcd(group_size, channels) where it does not divide; False: variant's default
+    padding: str = option("symmetric", choices=PADDINGS)  # strided convolutions: symmetric k // 2, or TensorFlow's SAME
+    init_from: Optional[str] = None  # a state dict file to start from (models/importer.py); not used when resuming
+    init_format: str = option("auto", choices=INIT_FORMATS)  # the file's parameter names and numerics
 
 
 @dataclass
@@ -236,6 +244,8 @@ class LoggingConfig:
     out_dir: str = "runs"
     log_every: int = option(10, ge=1)  # steps
     progress: bool = True
+    progress_interval: float = option(60.0, gt=0)  # seconds between plain progress lines when stderr is not a terminal
+    tensorboard: Optional[bool] = None  # RUN/tensorboard/ event files; None: when the tensorboard package imports
 
 
 @dataclass
@@ -344,6 +354,8 @@ def model_kwargs(cfg: Config) -> Tuple[str, Dict[str, Any]]:
             kwargs[key] = getattr(m, key)
     if m.fit_group_size:
         kwargs["fit_group_size"] = True
+    if m.padding != "symmetric":
+        kwargs["padding"] = m.padding
     return m.name, kwargs
 
 

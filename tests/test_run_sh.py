@@ -211,3 +211,39 @@ def test_refuses_to_touch_a_directory_that_is_not_a_venv(repo: Path, tmp_path: P
     proc = run(repo, "env", IPU_EFFNET_VENV=str(precious))
     assert proc.returncode != 0 and "not a virtualenv" in proc.stderr
     assert (precious / "data.txt").read_text() == "keep me"
+
+
+def fake_wheel(directory: Path) -> Path:
+    """A wheel that declares a dependency no index has: installable only with --no-deps."""
+    import zipfile
+
+    path = directory / "fakepeer-1.0-py3-none-any.whl"
+    files = {
+        "fakepeer/__init__.py": "VALUE = 1\n",
+        "fakepeer-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: fakepeer\nVersion: 1.0\n"
+                                           "Requires-Dist: not-a-real-package-for-ipu-effnet-tests\n",
+        "fakepeer-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+        zf.writestr("fakepeer-1.0.dist-info/RECORD", "".join(f"{n},,\n" for n in files) +
+                    "fakepeer-1.0.dist-info/RECORD,,\n")
+    return path
+
+
+def test_test_setup_installs_the_extras_and_the_no_deps_peers(repo: Path, tmp_path: Path):
+    (repo / "requirements-extras.txt").write_text("# optional features\n")
+    wheel = fake_wheel(tmp_path)
+    (repo / "requirements-test-nodeps.txt").write_text(f"{wheel}\n")
+    first = ok(run(repo, "setup", "--test", PIP_NO_INDEX="1"))
+    assert "installing requirements-extras.txt" in first.stderr
+    assert "installing requirements-test-nodeps.txt" in first.stderr
+    assert stamp(repo, "extras").read_text().strip() == sha256(repo / "requirements-extras.txt")
+    assert stamp(repo, "test-nodeps").read_text().strip() == sha256(repo / "requirements-test-nodeps.txt")
+    check = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-c", "import fakepeer; print(fakepeer.VALUE)"],
+                           capture_output=True, text=True)
+    assert check.stdout.strip() == "1"  # its undeclared dependency was not looked for: --no-deps
+    assert ok(run(repo, "setup", "--test")).stderr.startswith("ipu_effnet: ready")  # stamps: no reinstall
+    plain = ok(run(repo, "env"))  # other commands install only requirements.txt
+    assert "extras" not in plain.stderr

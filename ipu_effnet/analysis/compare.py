@@ -276,10 +276,10 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
     depend on when each run happened to train on a shared machine (the in-run average, the "(run)"
     column, does). The models are trained in place: pass copies."""
     import torch
-    from tqdm import tqdm
 
     from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
     from ipu_effnet.backends.torch_backend import TorchRunner
+    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
     from ipu_effnet.training.model import TrainingModel
     from ipu_effnet.training.optim import optimizer_from_config
 
@@ -352,8 +352,6 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
 
     `overrides` apply to every recipe (after its own). Configs are all loaded and checked before any
     training starts, so a typo in the last recipe fails in a second, not after an hour."""
-    from tqdm import tqdm
-
     from ipu_effnet.analysis.sweep import (
         best_row,
         default_resolutions,
@@ -364,6 +362,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         write_sweep,
     )
     from ipu_effnet.config import load
+    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
     from ipu_effnet.training.checkpoint import load_checkpoint, rebuild_model
 
     bench = bench or BenchSettings()

@@ -128,9 +128,9 @@ def sweep_checkpoint(checkpoint: os.PathLike, resolutions: Optional[Sequence[int
     top5 (fractions), loss, images. `info`, when given, receives checkpoint, train_resolution,
     test_resolution and resolutions."""
     import torch
-    from tqdm import tqdm
 
     from ipu_effnet.config import Config, apply_overrides
+    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
     from ipu_effnet.data import create_dataset, create_loader
     from ipu_effnet.training.checkpoint import load_checkpoint, rebuild_model
     from ipu_effnet.training.loop import evaluate

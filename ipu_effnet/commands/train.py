@@ -2,6 +2,7 @@
 
     python -m ipu_effnet train --config configs/quickstart-digits.yaml [--set key=value ...] [--out DIR]
     python -m ipu_effnet train --resume DIR          # continue DIR from its newest checkpoint
+    python -m ipu_effnet train --config ... --init-from efficientnet_b0.pth [--init-format geffnet]
     torchrun --nproc_per_node 2 -m ipu_effnet train --config ...     # data parallel
 
 The run directory (default: logging.out_dir / the recipe's name) receives config.yaml (resolved),
@@ -13,6 +14,10 @@ Faults: a config or data error exits with status 2 and removes the run directory
 or SIGINT writes a checkpoint at the next step boundary and exits 0 with the command that resumes it (a
 second signal stops at once); a run stopped by a non-finite loss or a full disk exits 1 naming its last
 good checkpoint (`training/faults.py`).
+
+--init-from FILE starts from a G1 EfficientNet's state dict saved by timm, geffnet, torchvision,
+efficientnet_pytorch or this project (`models/importer.py`: names mapped, shapes checked, norm.eps and
+model.padding set to the weights' own); it is `--set model.init_from=FILE model.init_format=FORMAT`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=False)
     parser.add_argument("--out", help="run directory (default: logging.out_dir/<recipe name>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    add_init_arguments(parser)
+
+
+def add_init_arguments(parser: argparse.ArgumentParser) -> None:
+    """--init-from and --init-format (train and finetune)."""
+    from ipu_effnet.config import INIT_FORMATS
+
+    parser.add_argument("--init-from", metavar="FILE",
+                        help="start from this state dict (timm, geffnet, torchvision, efficientnet_pytorch or "
+                             "ipu_effnet names; a local file)")
+    parser.add_argument("--init-format", choices=INIT_FORMATS, default=None,
+                        help="the file's names and numerics (default: auto, from its names)")
+
+
+def init_overrides(args: argparse.Namespace) -> list:
+    """--init-from/--init-format as config overrides (JSON strings are YAML: any path survives)."""
+    import json
+
+    if args.init_format and not args.init_from:
+        raise UsageError("--init-format needs --init-from FILE")
+    if not args.init_from:
+        return []
+    if not Path(args.init_from).is_file():
+        raise UsageError(f"--init-from {args.init_from}: no such file")
+    return [f"model.init_from={json.dumps(str(args.init_from))}",
+            f"model.init_format={args.init_format or 'auto'}"]
 
 
 def run_dir_for(cfg, config_path: str, out: str = None) -> Path:
@@ -48,10 +79,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {run_dir}: no config.yaml there (is it a run directory?)")
         if args.config:
             raise UsageError("--resume takes the config from the run directory; drop --config")
+        if args.init_from:
+            raise UsageError("--resume continues from the run's checkpoint; drop --init-from")
         cfg = load(resolved, args.overrides)
         return _run(cfg, run_dir, resume=True, source=str(resolved), overrides=args.overrides)
     if not args.config:
         raise UsageError("train needs --config FILE (or --resume DIR)")
+    args.overrides = list(args.overrides) + init_overrides(args)
     cfg, _, _ = resolve(args.config, args.overrides)  # validates model, module paths before any work
     run_dir = run_dir_for(cfg, args.config, args.out)
     if any(d.is_dir() and any(d.iterdir()) for d in (run_dir / "checkpoints", *run_dir.glob("*/checkpoints"))):

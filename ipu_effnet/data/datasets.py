@@ -513,6 +513,7 @@ class DigitsDataset(_Seedable, Dataset):
     """scikit-learn's 8x8 digits, bilinear-upsampled to resolution x resolution, three equal channels."""
 
     num_classes = DIGITS_NUM_CLASSES
+    classes = tuple(str(d) for d in range(DIGITS_NUM_CLASSES))  # the digit each label is
 
     def __init__(self, split: str = "train", resolution: int = 32, train: bool = False,
                  limit: Optional[int] = None, max_shift: Optional[int] = None,

@@ -40,7 +40,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3,
                  norm: Union[NormSpec, str, None] = None, act: str = "silu",
                  group_size: Optional[int] = None, expand_ratio: Optional[float] = None,
                  fit_group_size: Optional[bool] = None, drop_rate: Optional[float] = None,
-                 drop_path_rate: float = 0.2) -> EfficientNet:
+                 drop_path_rate: float = 0.2, padding: str = "symmetric") -> EfficientNet:
     """Build a named variant.
 
     norm:           a NormSpec or a kind string ("batch", "group", "layer", "none", "layer+proxy")
@@ -53,6 +53,8 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3,
                     variants: B3..B6 have 24-, 40- or 56-channel expand-1 blocks)
     drop_rate:      dropout before the classifier; None keeps the variant's (0.2 for B0 ... 0.5 for B7)
     drop_path_rate: stochastic-depth rate of the last block (linear schedule from 0)
+    padding:        "symmetric" (k // 2 on each side) or "same" (TensorFlow's SAME padding in the strided
+                    convolutions, for weights trained with it: models/padding.py)
 
     The arguments are kept on the model as `model.model_args`, so a checkpoint can rebuild it.
     """
@@ -64,15 +66,23 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3,
     dr = mdef.drop_rate if drop_rate is None else drop_rate
     if er is not None and er <= 0:
         raise ValueError(f"expand_ratio must be > 0, got {er}")
+    if padding not in ("symmetric", "same"):
+        raise ValueError(f"padding must be 'symmetric' or 'same', got {padding!r}")
     if not 0 <= dr < 1 or not 0 <= drop_path_rate < 1:
         raise ValueError(f"drop_rate and drop_path_rate must be in [0, 1), got {dr} and {drop_path_rate}")
     block_args = build_blocks(mdef.stages, mdef.width, mdef.depth, group_size=gs, expand_ratio=er,
                               fit_group_size=fit, drop_path_rate=drop_path_rate)
     model = EfficientNet(block_args, stem_channels(mdef.stages, mdef.width), head_channels(mdef.width),
                          num_classes=num_classes, in_chans=in_chans, norm=spec, act=act, drop_rate=dr)
+    if padding == "same":
+        from .padding import use_same_padding
+
+        use_same_padding(model)
     model.model_args = model_args_dict(name, num_classes=num_classes, in_chans=in_chans, norm=spec, act=act,
                                        group_size=gs, expand_ratio=er, fit_group_size=fit, drop_rate=dr,
                                        drop_path_rate=drop_path_rate)
+    if padding != "symmetric":  # absent for the default: model_args of older checkpoints stay equal
+        model.model_args["padding"] = padding
     model.train_resolution = mdef.train_res
     model.eval_resolution = mdef.eval_res
     return model

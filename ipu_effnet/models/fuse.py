@@ -33,6 +33,7 @@ from norms import BatchNormAct2d
 from norms.proxy import ProxyNormAct
 
 from .blocks import ConvNormAct, FusedMBConv, MBConv, SqueezeExcite
+from .padding import Conv2dSame, as_same
 
 # (convolution, the norm module that follows it) inside each block type, in forward order.
 FOLD_SITES: Dict[Type[nn.Module], Tuple[Tuple[str, str], ...]] = {
@@ -59,6 +60,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         bias = bias + conv.bias.double() * scale
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    if isinstance(conv, Conv2dSame):  # TensorFlow's SAME padding stays (models/padding.py)
+        fused = as_same(fused)
     new_weight = (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype)
     if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
         new_weight = new_weight.contiguous(memory_format=torch.channels_last)

@@ -44,7 +44,7 @@ import torch.nn as nn
 from ipu_effnet.backends import resolve_backend
 from ipu_effnet.backends.host_collectives import LocalCollectives, poprun_collectives, torch_collectives
 from ipu_effnet.backends.torch_backend import TorchRunner, autocast_dtype
-from ipu_effnet.config import Config, model_kwargs, write_resolved
+from ipu_effnet.config import Config, dump, model_kwargs, write_resolved
 from ipu_effnet.data import create_dataset, create_loader
 from ipu_effnet.data.randaugment import RandAugment
 from ipu_effnet.errors import UsageError
@@ -62,6 +62,7 @@ from ipu_effnet.training.freeze import default_first_trainable, freeze_before
 from ipu_effnet.training.model import TrainingModel, resolve_channels_last
 from ipu_effnet.training.optim import optimizer_from_config, set_lr
 from ipu_effnet.training.schedules import schedule_from_config
+from ipu_effnet.training.tb import TB_DIR, TensorBoardLog, want_tensorboard
 
 
 @dataclass
@@ -132,6 +133,8 @@ class PhaseOptions:
     freeze: bool = False  # freeze the modules before `first_trainable` (fine-tuning)
     first_trainable: Optional[str] = None  # None with freeze: freeze.default_first_trainable
     eval_preprocessing: bool = False  # training images get the evaluation transform (fine-tuning)
+    tensorboard_dir: Optional[Path] = None  # None: run_dir/tensorboard (training/tb.py)
+    step_offset: int = 0  # added to this phase's steps in TensorBoard (a recipe's later phases)
 
 
 def stage_index(epoch: int, num_epochs: int, num_stages: int) -> int:
@@ -205,10 +208,12 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+def _progress(total: int, desc: str, enabled: bool, interval: float = 60.0):
+    from ipu_effnet.console import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step")
+    # tqdm on a terminal; a plain line every `interval` seconds in a log file
+    return progress_bar(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step",
+                        interval=interval)
 
 
 def compile_only(runner: Any, train_loader: Any, val_loader: Any, cfg: Config, run_dir: Path,
@@ -244,6 +249,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             return run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
         phase = PhaseOptions()
     run_dir = Path(run_dir)
+    use_tb = want_tensorboard(cfg.logging.tensorboard, log)  # true without the package: stop before any work
     info = init_distributed(cfg.distributed.backend)
     say = log if info.is_main else (lambda _msg: None)
     backend = resolve_backend(cfg.backend, log=say)
@@ -280,12 +286,17 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             model = create_model(name, **kwargs)
         except ValueError as exc:
             raise UsageError(f"model {name!r}: {exc}") from None
+        if cfg.model.init_from and ckpt is None:  # pretrained weights in (a resumed run has its own)
+            from ipu_effnet.models.importer import load_pretrained
+
+            load_pretrained(model, cfg.model.init_from, cfg.model.init_format, log=say)
     frozen: List[str] = []
     first_trainable = None
     if phase.freeze:
         first_trainable = phase.first_trainable or default_first_trainable(model)
         frozen = freeze_before(model, first_trainable)
     train_set = stage_train_set(cfg, stages[0], phase.eval_preprocessing)
+    classes = getattr(train_set, "classes", None)
     val_set = create_dataset(cfg.data, "validation", eval_res, train=False, num_classes=cfg.model.num_classes,
                              seed=cfg.train.seed)
     host_batch, eval_batch = cfg.train.micro_batch * cfg.train.grad_accum, cfg.train.micro_batch
@@ -385,6 +396,11 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         f"({cfg.train.micro_batch} x {cfg.train.grad_accum} x {shard[1]}), {total_steps} steps on {device}")
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main)
+    # readers drop events after the step this phase starts from (left by an interrupted run)
+    tb = TensorBoardLog(phase.tensorboard_dir or run_dir / TB_DIR, use_tb and info.is_main, phase.step_offset,
+                        purge_step=step + 1)
+    if ckpt is None:
+        tb.config(phase.name, dump(cfg))
     log_every = max(1, cfg.logging.log_every)
     wall_start = time.perf_counter()
     val: Dict[str, float] = {}
@@ -393,6 +409,10 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     if info.is_main:  # before any step: the run directory takes a checkpoint
         faults.preflight(run_dir / CHECKPOINT_DIR, faults.checkpoint_bytes(model, len(averagers)))
     resume_at = faults.mid_epoch(ckpt)  # a pre-emption checkpoint's position inside its epoch
+    # the loss scale for TensorBoard: the GradScaler's in each step's result (fp16 on CUDA); on IPUs with
+    # fp16 the configured static one (poptorch's automatic scaling keeps its current value on the device)
+    loss_scale = (cfg.ipu.loss_scaling if backend == "ipu" and cfg.train.precision.startswith("16")
+                  and not cfg.ipu.auto_loss_scaling else None)
     bad_steps = faults.BadSteps(cfg.train.max_bad_steps, tolerant=getattr(runner, "scaler", None) is not None,
                                 precision=cfg.train.precision)
     train_time, train_images = resume_at.train_time, resume_at.train_images
@@ -402,6 +422,8 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         stays if the write fails. On the IPU backend it also holds the device-side optimiser and RNG state."""
         if hasattr(runner, "checkpoint_extra"):
             extra = dict(extra, **runner.checkpoint_extra())
+        if classes is not None:  # class names of the training data (predict names its answers with them)
+            extra = dict(extra, classes=list(classes))
         state = make_checkpoint(model, optimizer, epoch=epoch_mark, step=step, averagers=averagers,
                                 config=cfg.to_dict(), extra=extra)
         return faults.save_or_stop(run_dir / CHECKPOINT_DIR / checkpoint_name(epoch_mark, step), state,
@@ -427,7 +449,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             current = stage
         train_loader.set_epoch(epoch)
         bar = _progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{num_epochs}",
-                        cfg.logging.progress and info.is_main)
+                        cfg.logging.progress and info.is_main, cfg.logging.progress_interval)
         done = resume_at.epoch_step if epoch == start_epoch else 0  # steps of this epoch done before a stop
         epoch_sums = dict(resume_at.epoch_sums) if done else {"loss": 0.0, "correct": 0.0, "samples": 0.0}
         tick = time.perf_counter()
@@ -456,12 +478,15 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
             bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['correct'] / out['samples']:.3f}",
                             img_s=f"{ips:.1f}", refresh=False)
             if step % log_every == 0:
-                metrics.write({"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                step_record = {"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": lr,
                                "loss": out["loss"], "top1": out["correct"] / out["samples"],
-                               "images_per_sec": ips})
+                               "images_per_sec": ips}
+                metrics.write(step_record)
+                tb.step(step_record, out.get("scale", loss_scale))
             stop = faults.stop_requested(info.collectives)
             if stop:  # pre-emption: a checkpoint at this step that --resume continues from exactly
                 bar.close()
+                tb.close()
                 if backend != "torch":
                     runner.sync_weights_to_host()
                 if info.is_main:
@@ -480,6 +505,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
                   "train_top1": sums["correct"] / n, "val_top1": val["top1"], "val_top5": val["top5"],
                   "val_loss": val["loss"], "images_per_sec": train_images / max(train_time, 1e-9)}
         metrics.write(record)
+        tb.epoch(record, stage.resolution)
         say(f"epoch {epoch + 1}/{num_epochs}: train loss {record['train_loss']:.4f}, "
             f"val top-1 {val['top1']:.2%}, top-5 {val['top5']:.2%}, {record['images_per_sec']:.1f} img/s")
         last = epoch + 1 == num_epochs
@@ -531,6 +557,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         "unreadable_images": sum(faults.check_data(d, say, stop=False) for d in (train_loader.dataset, val_set)),
         "skipped_steps": bad_steps.skipped,
     }
+    tb.close()
     if info.is_main:
         with open(run_dir / "summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)

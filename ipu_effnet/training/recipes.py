@@ -23,6 +23,9 @@ progressive (EfficientNetV2 Algorithm 1; REFERENCE.md section 2)
     interpolated the same way. Weights, optimiser and learning-rate schedule run on across stages.
 
 A phase is complete when its summary.json exists; an interrupted one resumes from its newest checkpoint.
+TensorBoard events of every phase go into `run_dir/tensorboard/` (training/tb.py), a later phase's steps
+counted on from the earlier one's. With model.init_from, norm.eps and model.padding are first set to
+those the weights were trained with (models/importer.py).
 
 Half-resolution sizes: the paper's for B0..B5 (160, 176, 192, 204, 252, 328, also for their G16
 variants) and model.resolution when set; otherwise `halfres_rule`: native / sqrt(2) (half the pixels)
@@ -55,6 +58,7 @@ from ipu_effnet.training.checkpoint import (
     rebuild_model,
 )
 from ipu_effnet.training.loop import PhaseOptions, Stage, train
+from ipu_effnet.training.tb import TB_DIR
 
 __all__ = [
     "HALFRES_SIZES",
@@ -160,9 +164,12 @@ def finetune_config(cfg: Config, resolution: Optional[int] = None, epochs: Optio
 
 
 def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: bool = True,
-                   log: Callable[[str], None] = print, **kwargs: Any) -> Dict[str, Any]:
+                   log: Callable[[str], None] = print, tensorboard_dir: Optional[Path] = None,
+                   step_offset: int = 0, **kwargs: Any) -> Dict[str, Any]:
     """Fine-tune the network of a loaded checkpoint (its weight average when `averaged`) in `run_dir`;
-    resumes when run_dir holds checkpoints. kwargs: finetune_config's resolution, epochs, lr, first_trainable."""
+    resumes when run_dir holds checkpoints. kwargs: finetune_config's resolution, epochs, lr, first_trainable.
+    tensorboard_dir, step_offset: where its TensorBoard events go (None: run_dir/tensorboard) and what
+    its steps count on from (a recipe's training phase)."""
     from ipu_effnet.data import create_dataset, create_loader
     from ipu_effnet.training.loop import evaluate
 
@@ -188,7 +195,7 @@ def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: b
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(before_path, {"val_top1": before, "resolution": res, "averaged": averaged})
     phase = PhaseOptions(name="finetune", model=model, freeze=True, first_trainable=ft_cfg.finetune.first_trainable,
-                         eval_preprocessing=True)
+                         eval_preprocessing=True, tensorboard_dir=tensorboard_dir, step_offset=step_offset)
     summary = train(ft_cfg, run_dir, resume=resume, log=log, phase=phase)
     if before is not None:
         summary["val_top1_before_finetune"] = before
@@ -241,6 +248,10 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
                overrides: Any = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run `cfg.recipe` in phases (see the module docstring); returns the summary in run_dir/summary.json."""
     run_dir = Path(run_dir)
+    if cfg.model.init_from and not resume:  # norm.eps and model.padding of the weights (models/importer.py)
+        from ipu_effnet.models.importer import init_numerics
+
+        cfg = init_numerics(cfg, log if is_main_process() else _silent)
     if cfg.recipe == "native":
         return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log, phase=PhaseOptions())
     main_process = is_main_process()
@@ -269,14 +280,16 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
     if main is None:
         log(f"halfres: phase 1/2, training at {half} px in {train_dir}")
         main = train(main_cfg, train_dir, resume=resume and latest_checkpoint(train_dir) is not None,
-                     source=source, overrides=overrides, log=log, phase=PhaseOptions(name="train"))
+                     source=source, overrides=overrides, log=log,
+                     phase=PhaseOptions(name="train", tensorboard_dir=run_dir / TB_DIR))
         if main.get("compile_only"):  # ipu.compile_only: phase 1's programs are compiled; nothing to fine-tune
             return main
     ft = _done(ft_dir) if resume else None
     if ft is None:
         ckpt = load_checkpoint(latest_checkpoint(train_dir))
         log(f"halfres: phase 2/2, fine-tuning the weight-averaged model in {ft_dir}")
-        ft = finetune_phase(cfg, ckpt, ft_dir, averaged=True, log=log)
+        ft = finetune_phase(cfg, ckpt, ft_dir, averaged=True, log=log, tensorboard_dir=run_dir / TB_DIR,
+                            step_offset=int(main["steps"]))
     summary = dict(main)
     summary.update({
         "recipe": "halfres",
