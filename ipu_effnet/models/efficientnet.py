@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from norms import NormSpec
 
-from .blocks import BLOCKS, ConvNormAct
+from .blocks import BLOCKS, ConvNormAct, mark_fresh_inputs
 from .builder import BlockArgs
 
 
@@ -42,6 +42,7 @@ class EfficientNet(nn.Module):
         self.classifier = nn.Linear(head_chs, num_classes)
         self.num_features = head_chs
         self._init_weights()
+        mark_fresh_inputs(self)
 
     def _init_weights(self) -> None:
         # Convolutions: He-normal over fan-out (the EfficientNet reference); linear: uniform in
