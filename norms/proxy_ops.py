@@ -6,8 +6,8 @@ computed from the proxy statistics (O(channels x points)). Written with plain op
 adds a pass and a freshly allocated tensor in the forward, and three passes, two allocations and two
 reductions in the backward; the statistics add a dozen small autograd nodes per layer. On CPU an
 element-wise op on a large tensor costs mostly the allocation of its result (fresh pages from the OS) and
-its passes over memory: that plain form made a B0-G16 training step 27-30 % slower than LayerNorm
-alone (docs/norms.md has the measurements). `impl` selects one of three forms with the same values and
+its passes over memory, so that plain form made a training step much slower than LayerNorm alone
+(docs/norms.md has the measurements). `impl` selects one of three forms with the same values and
 gradients:
 
     "reference"  F.group_norm -> act -> torch.addcmul, statistics in plain ops (`proxy_moments`). Twice
