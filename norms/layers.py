@@ -30,6 +30,12 @@ from .proxy_ops import autocast_active, plain_ops_only
 _BATCH_NORM_OUT = getattr(torch.ops.aten.native_batch_norm, "out", None)
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces (torch >= 2.1 says so; 2.0 has no torch.compiler)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d followed by an activation (nn.Identity when apply_act is False).
 
@@ -47,7 +53,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return (self.fresh_input and not self.training and not torch.is_grad_enabled()
                 and _BATCH_NORM_OUT is not None and self.running_mean is not None
                 and self.running_var is not None and x.dtype == self.running_mean.dtype
-                and not plain_ops_only(x) and not autocast_active(x))
+                and not plain_ops_only(x) and not autocast_active(x) and not _compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._normalise_in_place(x):
