@@ -2,7 +2,7 @@
 
 Labatie, Masters, Eaton-Rosen, Luschi, "Proxy-Normalizing Activations to Match Batch Normalization while
 Removing Batch Dependence", NeurIPS 2021 (arXiv 2106.03743), section 4 ("Proxy Normalization", Figure 3
-"Plugging PN"). The facts this file is checked against are in `shared/REFERENCE.md`, section 4.
+"Plugging PN"); docs/norms.md describes the design and its measurements.
 
 GroupNorm and LayerNorm normalise each sample on its own, so they never look at the batch; the price is
 that, after the activation, a channel's output is no longer centred and scaled across the data set the way
@@ -38,7 +38,7 @@ Choices, and why:
   or "reference" (plain differentiable ops: twice differentiable, and what a backend that differentiates
   the traced forward itself, such as poptorch, should get). All three give the same values and gradients.
 
-Placement in the blocks (REFERENCE.md section 4; the blocks call `make_norm_act` at every site, so the
+Placement in the blocks (the paper's section 4 and Figure 3; the blocks call `make_norm_act` at every site, so the
 placement follows from `make_proxy_norm_act`):
 
 - Every normalisation followed by an activation (stem, MBConv expansion and depthwise, Fused-MBConv
@@ -55,18 +55,27 @@ Weight decay: the reference decays gamma_t and beta_t but not gamma and beta; bo
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .act import get_act
-from .proxy_ops import check_impl, default_impl, group_norm_act_scale_shift, proxy_moments, proxy_scale_shift
+from .proxy_ops import (
+    check_impl,
+    default_impl,
+    group_norm_act_scale_shift,
+    plain_ops_only,
+    proxy_moments,
+    proxy_scale_shift,
+)
 from .spec import NormSpec
 
-__all__ = ["FrozenProxyNormAct", "GroupNormScale", "ProxyNormAct", "make_proxy_norm_act", "standard_normal_quantiles"]
+__all__ = ["FrozenProxyNormAct", "GroupNormScale", "ProxyNormAct", "batched_proxy_scale_shift", "make_proxy_norm_act",
+           "shared_proxy_stats", "standard_normal_quantiles"]
 
 
 def standard_normal_quantiles(num_points: int, dtype: torch.dtype = torch.float32,
@@ -129,6 +138,8 @@ class ProxyNormAct(nn.Module):
                              persistent=False)
         # How the per-element work runs (norms/proxy_ops.py); same values and gradients either way.
         self.impl = default_impl(self.act) if impl is None else check_impl(impl, self.act)
+        # (s, t) computed for this forward together with the other layers' (`shared_proxy_stats`).
+        self.shared_scale_shift: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def _apply(self, fn, *args, **kwargs):
         # `.half()`, `.to(dtype)`, `.cuda()` all come through here. Let torch move/cast everything, then
@@ -158,7 +169,8 @@ class ProxyNormAct(nn.Module):
         return proxy_scale_shift(*self._stats_params(), self.act, self.proxy_eps, self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, t = self.proxy_scale_shift()
+        shared = self.shared_scale_shift
+        s, t = self.proxy_scale_shift() if shared is None else shared
         return group_norm_act_scale_shift(x, self.num_groups, self.weight, self.bias, self.eps, self.act, s, t,
                                           self.impl)
 
@@ -173,12 +185,67 @@ class ProxyNormAct(nn.Module):
         return FrozenProxyNormAct(self.num_groups, self.weight, self.bias, self.eps, self.act, s, t, self.impl)
 
 
+def _batch_key(layer: ProxyNormAct) -> Tuple:
+    """Layers whose statistics can be computed as one: the same activation, eps, points and dtype."""
+    points = layer.proxy_points
+    return (repr(layer.act), type(layer.act), layer.proxy_eps, layer.num_points, layer.impl == "reference",
+            _stats_dtype(layer.weight.dtype), points.dtype, points.device)
+
+
+def batched_proxy_scale_shift(layers: Sequence[ProxyNormAct]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """`layer.proxy_scale_shift()` for every layer, computed as one (C_total, P) problem per group of
+    layers that share activation, eps, points and dtype instead of one small problem per layer.
+
+    The statistics are per channel, so concatenating the layers' parameters along the channel axis and
+    splitting the results gives each layer its own values; autograd carries the gradients back through
+    the split and the concatenation. A whole network's layers are then a dozen ops forward and backward
+    instead of a dozen per layer.
+    """
+    groups: Dict[Tuple, List[int]] = {}
+    for index, layer in enumerate(layers):
+        groups.setdefault(_batch_key(layer), []).append(index)
+    results: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(layers)
+    for indices in groups.values():
+        members = [layers[i] for i in indices]
+        if len(members) == 1:
+            results[indices[0]] = members[0].proxy_scale_shift()
+            continue
+        params = [m._stats_params() for m in members]
+        gamma, beta, gamma_t, beta_t = (torch.cat([p[k] for p in params]) for k in range(4))
+        first = members[0]
+        s, t = proxy_scale_shift(gamma, beta, gamma_t, beta_t, params[0][4], first.act, first.proxy_eps,
+                                 "reference" if first.impl == "reference" else "fused")
+        sizes = [m.num_channels for m in members]
+        for i, s_i, t_i in zip(indices, s.split(sizes), t.split(sizes)):
+            results[i] = (s_i, t_i)
+    return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def shared_proxy_stats(model: nn.Module) -> Iterator[None]:
+    """Within the block, every ProxyNormAct of `model` uses (s, t) computed once for all of them
+    (`batched_proxy_scale_shift`) when the context was entered. For one forward pass: enter it again for
+    the next one, since the parameters (and the autograd graph) change between steps. Where only plain
+    ops may run (poptorch, devices other than CPU and CUDA) each layer keeps computing its own.
+    """
+    layers = [m for m in model.modules() if isinstance(m, ProxyNormAct) and m.shared_scale_shift is None]
+    if len(layers) < 2 or plain_ops_only(layers[0].proxy_points):
+        yield
+        return
+    try:
+        for layer, st in zip(layers, batched_proxy_scale_shift(layers)):
+            layer.shared_scale_shift = st
+        yield
+    finally:
+        for layer in layers:
+            layer.shared_scale_shift = None
+
+
 class FrozenProxyNormAct(nn.Module):
     """ProxyNormAct for inference: the same GroupNorm, affine, activation and scale-and-shift, with the
     proxy's per-channel s and t stored instead of recomputed. They depend on the parameters only, so in a
-    model that no longer trains they are constants, and recomputing them cost every forward a few hundred
-    small ops (18 ms per B0-G16 forward with one thread here, 17 % of a batch-1 inference). Outputs equal
-    the live module's bit for bit. Holds only buffers: nothing here trains."""
+    model that no longer trains they are constants, and recomputing them costs every forward their own
+    small ops (docs/PERFORMANCE.md has the measurement). Outputs equal the live module's bit for bit. Holds only buffers: nothing here trains."""
 
     def __init__(self, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, act: nn.Module,
                  s: torch.Tensor, t: torch.Tensor, impl: str) -> None:

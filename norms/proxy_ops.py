@@ -6,8 +6,8 @@ computed from the proxy statistics (O(channels x points)). Written with plain op
 adds a pass and a freshly allocated tensor in the forward, and three passes, two allocations and two
 reductions in the backward; the statistics add a dozen small autograd nodes per layer. On CPU an
 element-wise op on a large tensor costs mostly the allocation of its result (fresh pages from the OS) and
-its passes over memory: that plain form made a B0-G16 training step 27-30 % slower than LayerNorm
-alone (docs/norms.md has the measurements). `impl` selects one of three forms with the same values and
+its passes over memory, so that plain form made a training step much slower than LayerNorm alone
+(docs/norms.md has the measurements). `impl` selects one of three forms with the same values and
 gradients:
 
     "reference"  F.group_norm -> act -> torch.addcmul, statistics in plain ops (`proxy_moments`). Twice
@@ -36,6 +36,8 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .act import act_fresh
 
 IMPLS = ("fused", "inplace", "reference")
 
@@ -68,7 +70,7 @@ def _channel_shape(z: torch.Tensor) -> Tuple[int, ...]:
     return (1, z.shape[1]) + (1,) * (z.dim() - 2)  # broadcast (C,) over N and the spatial dims
 
 
-def _plain_ops_only(x: torch.Tensor) -> bool:
+def plain_ops_only(x: torch.Tensor) -> bool:
     """True where the custom nodes must not run: devices other than CPU and CUDA (their aten kernels are
     what the nodes call), and poptorch tracing for the IPU, which differentiates the traced forward
     itself. There the "reference" formulation runs whatever `impl` says."""
@@ -78,7 +80,7 @@ def _plain_ops_only(x: torch.Tensor) -> bool:
     return poptorch is not None and bool(getattr(poptorch, "isRunningOnIpu", lambda: False)())
 
 
-def _autocast_active(x: torch.Tensor) -> bool:
+def autocast_active(x: torch.Tensor) -> bool:
     if x.device.type not in ("cpu", "cuda"):
         return False
     try:
@@ -258,9 +260,9 @@ def proxy_scale_shift(gamma: torch.Tensor, beta: torch.Tensor, gamma_t: torch.Te
     dtype of the arguments (never lowered by autocast). "reference" builds them from `proxy_moments` in
     plain ops; the other impls use one custom node."""
     with contextlib.ExitStack() as stack:
-        if _autocast_active(points):  # the statistics stay in the precision they were given
+        if autocast_active(points):  # the statistics stay in the precision they were given
             stack.enter_context(torch.autocast(device_type=points.device.type, enabled=False))
-        if impl == "reference" or _plain_ops_only(points):
+        if impl == "reference" or plain_ops_only(points):
             mean, var = proxy_moments(gamma, beta, gamma_t, beta_t, points, act)
             s = torch.rsqrt(var + eps)
             return s, -mean * s
@@ -278,9 +280,13 @@ def group_norm_act_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.T
     "fused" runs as "inplace", so that F.group_norm gets autocast's precision rules; off CPU and CUDA,
     and under poptorch, everything runs as "reference".
     """
-    if _plain_ops_only(x):
+    if plain_ops_only(x):
         impl = "reference"
-    if impl == "fused" and not _autocast_active(x):
+    elif not torch.is_grad_enabled():  # no autograd: everything in place on the fresh GroupNorm output
+        z = act_fresh(act, F.group_norm(x, num_groups, weight, bias, eps))
+        shape = _channel_shape(z)
+        return torch.addcmul(t.to(z.dtype).view(shape), z, s.to(z.dtype).view(shape), out=z)
+    if impl == "fused" and not autocast_active(x):
         return _GroupNormSiLUScaleShift.apply(x, weight, bias, s.to(x.dtype), t.to(x.dtype), num_groups, eps)
     z = act(F.group_norm(x, num_groups, weight, bias, eps))
     s, t = s.to(z.dtype), t.to(z.dtype)

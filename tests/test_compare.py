@@ -30,7 +30,8 @@ train: {{epochs: 1, micro_batch: 8, optimizer: sgd, lr: 0.05, lr_schedule: cosin
 logging: {{progress: false, log_every: 1}}
 """
 # memory off: each CPU measurement is a fresh process (~2 s); the tests that check it turn it on
-BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, memory=False)
+BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, train_seconds=0,
+                      memory=False)
 
 
 def test_pareto_front_on_hand_made_points():
@@ -183,6 +184,52 @@ def test_training_speed_is_measured_with_the_recipes_taking_turns(monkeypatch):
     assert order == [32, 16, 32, 16, 32, 16]
     assert got == [20.0, 200.0]
     assert not torch.equal(before, jobs[0]["model"].classifier.weight)
+
+
+def _training_jobs(count: int):
+    from ipu_effnet.config import load, model_kwargs
+    from ipu_effnet.models import create_model
+
+    jobs = []
+    for _ in range(count):
+        cfg = load(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml",
+                   ["model.name=efficientnet_tiny", "model.num_classes=4", "train.micro_batch=2"])
+        name, kwargs = model_kwargs(cfg)
+        jobs.append({"model": create_model(name, **kwargs), "cfg": cfg, "resolution": 16})
+    return jobs
+
+
+def test_training_speed_ratios_come_from_rounds_measured_back_to_back(monkeypatch):
+    """A round in which the machine got busier moves both jobs of that round: the second job's figure
+    is the first's median times the median of the per-round ratios (here 10, 5, 10: 10), not the ratio
+    of the medians (150 / 20 = 7.5)."""
+    from ipu_effnet.analysis import bench as bench_mod
+    from ipu_effnet.analysis.bench import Timing
+    from ipu_effnet.analysis.compare import measure_training
+
+    rates = iter([10.0, 100.0, 30.0, 150.0, 20.0, 200.0])
+    monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
+    got = measure_training(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0))
+    assert got == [20.0, 200.0]
+
+
+def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):
+    """The number of timed steps is sized from a calibration step to fill train_seconds (never fewer
+    than train_steps); with train_seconds 0 it is exactly train_steps."""
+    from ipu_effnet.analysis import bench as bench_mod
+    from ipu_effnet.analysis.bench import Timing
+    from ipu_effnet.analysis.compare import measure_training
+
+    steps = []
+
+    def fake_measure(workload):
+        steps.append(workload.config.steps)
+        return Timing(1.0, 1.0)
+
+    monkeypatch.setattr(bench_mod, "measure", fake_measure)
+    measure_training(_training_jobs(1), BenchSettings(train_rounds=1, train_steps=2, train_seconds=0))
+    measure_training(_training_jobs(1), BenchSettings(train_rounds=1, train_steps=2, train_seconds=600.0))
+    assert steps[0] == 2 and steps[1] > 2
 
 
 def test_inference_memory_comes_from_a_fresh_process_and_grows_with_the_batch():

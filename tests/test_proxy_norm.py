@@ -1,5 +1,5 @@
-"""Proxy Norm (norms/proxy.py, norms/proxy_ops.py) against REFERENCE.md section 4 and issue 3's acceptance
-list, and batch independence of every batch-independent normalisation kind."""
+"""Proxy Norm (norms/proxy.py, norms/proxy_ops.py) against the paper's definition (section 4) and the values
+it implies, and batch independence of every batch-independent normalisation kind."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from torch.func import functional_call
 
 from ipu_effnet.models import create_model
 from norms import NormSpec, make_norm_act
-from norms.proxy import GroupNormScale, ProxyNormAct, standard_normal_quantiles
+from norms.proxy import GroupNormScale, ProxyNormAct, batched_proxy_scale_shift, standard_normal_quantiles
 from norms.proxy_ops import IMPLS, proxy_moments, proxy_scale_shift
 
-# REFERENCE.md section 4: SiLU at initialisation.
+# SiLU at initialisation (docs/norms.md).
 EXACT_MEAN, EXACT_VAR = 0.206621, 0.313083  # over N(0, 1)
 POINTS_MEAN, POINTS_VAR = 0.206048, 0.310004  # over the 200 quantile points
 PROXY_EPS = 0.03
@@ -92,7 +92,7 @@ def test_standard_normal_input_comes_out_centred_with_variance_v_over_v_plus_eps
     assert per_channel_mean.abs().max() < 0.02
     assert (per_channel_var - EXACT_VAR / (EXACT_VAR + PROXY_EPS)).abs().max() < 0.03
     # ... and over all 2M values, sharper: the variance is v_exact / (v_points + eps), within 1 % of
-    # v / (v + eps) (0.9126), the figure issue 3 states.
+    # v / (v + eps) (0.9126).
     assert abs(y.mean().item() - (EXACT_MEAN - POINTS_MEAN) / math.sqrt(POINTS_VAR + PROXY_EPS)) < 2e-3
     assert y.var().item() == pytest.approx(EXACT_VAR / (POINTS_VAR + PROXY_EPS), abs=2e-3)
     assert y.var().item() == pytest.approx(EXACT_VAR / (EXACT_VAR + PROXY_EPS), rel=0.01)
@@ -360,3 +360,79 @@ def test_proxy_recipes_are_their_base_recipe_plus_proxy_norm(model, short):
     assert norm_spec(with_pn) == norm_spec(base).with_(proxy=True, proxy_eps=PROXY_EPS, proxy_points=200)
     assert norm_spec(with_pn).kind == {"ln": "layer", "gn": "group"}[short]
     assert dataclasses.replace(with_pn, norm=base.norm) == base  # nothing else differs
+
+
+# --- statistics of many layers as one computation -----------------------------------------------------------
+
+def _per_layer(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose Proxy Norm layers each compute their own statistics (no batching)."""
+    plain = copy.deepcopy(model)
+
+    def forward(x):
+        return plain.forward_head(plain.forward_features(x))  # EfficientNet.forward without the context
+
+    plain.forward = forward
+    return plain
+
+
+@pytest.mark.parametrize("impl", [None, "reference"], ids=["default", "reference"])
+def test_batched_statistics_equal_each_layers_own_values_and_gradients(impl):
+    # Layers of different widths, groups, activations and eps: each group of compatible layers is one
+    # computation, and every layer gets the values and gradients of its own (reference) computation.
+    torch.manual_seed(0)
+    acts = ["silu", "silu", "gelu", "silu", "relu"]
+    layers = [_perturb(ProxyNormAct(c, g, act=a, proxy_eps=e, impl=impl), seed=i)
+              for i, (c, g, a, e) in enumerate(zip([8, 4, 6, 12, 4], [2, 1, 1, 4, 2], acts,
+                                                  [0.03, 0.03, 0.03, 0.03, 0.1]))]
+    refs = copy.deepcopy(layers)
+    batched = batched_proxy_scale_shift(layers)
+    weights = [torch.randn(2, m.num_channels, generator=torch.Generator().manual_seed(7 + i))
+               for i, m in enumerate(layers)]
+    loss = sum((w[0] * s).sum() + (w[1] * t).sum() for w, (s, t) in zip(weights, batched))
+    loss.backward()
+    for m, ref, w, (s, t) in zip(layers, refs, weights, batched):
+        ref.impl = "reference"
+        want_s, want_t = ref.proxy_scale_shift()
+        assert s.shape == (m.num_channels,)
+        assert torch.allclose(s, want_s, rtol=1e-5, atol=1e-6) and torch.allclose(t, want_t, rtol=1e-5, atol=1e-6)
+        ((w[0] * want_s).sum() + (w[1] * want_t).sum()).backward()
+        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("norm", [NormSpec(kind="layer", proxy=True), NormSpec(kind="group", groups=4, proxy=True)])
+def test_model_forward_shares_the_statistics_and_keeps_outputs_and_gradients(norm, monkeypatch):
+    model = _perturb(_tiny(norm), scale=0.05).double()
+    plain = _per_layer(model)
+    calls = []
+    original = ProxyNormAct.proxy_scale_shift
+    monkeypatch.setattr(ProxyNormAct, "proxy_scale_shift", lambda self: calls.append(self) or original(self))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model(x).logsumexp(1).sum().backward()
+    assert calls == []  # no layer computed its statistics on its own
+    proxies = [m for m in model.modules() if isinstance(m, ProxyNormAct)]
+    assert len(proxies) > 2 and all(m.shared_scale_shift is None for m in proxies)  # cleared after forward
+    out = plain(x)
+    assert len(calls) == len(proxies)
+    out.logsumexp(1).sum().backward()
+    with torch.no_grad():
+        assert torch.allclose(model(x), out, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12), name
+
+
+def test_shared_statistics_are_cleared_when_the_forward_raises():
+    model = _tiny(NormSpec(kind="layer", proxy=True))
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 32, 32))  # wrong channel count: the stem's convolution refuses it
+    assert all(m.shared_scale_shift is None for m in model.modules() if isinstance(m, ProxyNormAct))
+
+
+def test_shared_statistics_stay_per_layer_where_only_plain_ops_may_run(monkeypatch):
+    # Under poptorch (and off CPU and CUDA) the layers keep their own statistics: the path the IPU traces.
+    import norms.proxy as proxy
+
+    monkeypatch.setattr(proxy, "plain_ops_only", lambda x: True)
+    model = _tiny(NormSpec(kind="layer", proxy=True))
+    with proxy.shared_proxy_stats(model):
+        assert all(m.shared_scale_shift is None for m in model.modules() if isinstance(m, ProxyNormAct))

@@ -72,7 +72,8 @@ class Recipe:
 class BenchSettings:
     """The measurements, identical for every recipe of one comparison: inference (batch, steps,
     warm-up, and its peak memory) and the training step (`train_rounds` rounds over all recipes in turn, each of
-    `train_warmup` + `train_steps` steps at the recipe's own training resolution and micro-batch)."""
+    `train_warmup` untimed steps and then at least `train_steps` timed ones, and as many more as fill
+    `train_seconds`, at the recipe's own training resolution and micro-batch; see `measure_training`)."""
 
     batch: int = 16
     steps: int = 5
@@ -81,6 +82,7 @@ class BenchSettings:
     train_rounds: int = 5
     train_steps: int = 3
     train_warmup: int = 1
+    train_seconds: float = 2.0  # the least timed work per recipe and round (0: exactly train_steps steps)
     memory: bool = True  # peak memory of the inference (CPU: one fresh process per recipe, ~2 s each)
 
 
@@ -271,13 +273,25 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
                      progress: bool = False) -> List[float]:
     """Training images/s of each job ({"model", "cfg", "resolution"}): the recipe's own step (TrainingModel
     with its loss and mixing, its optimiser, TorchRunner) on random uint8 images at the job's resolution and
-    micro-batch x accumulation. The jobs take turns, `train_rounds` rounds of warm-up + timed steps each,
-    in this one process, and each gets the median of its rounds: so that the ratios between recipes do not
-    depend on when each run happened to train on a shared machine (the in-run average, the "(run)"
-    column, does). The models are trained in place: pass copies."""
+    micro-batch x accumulation. The models are trained in place: pass copies.
+
+    Built so that the ratios between jobs hold from one call to the next on a machine other work shares:
+
+    - two calibration steps per job first (the first also builds oneDNN's primitives for the job's
+      shapes), and from the second one's time the number of steps that fills `train_seconds`, at least
+      `train_steps`: a round of a fast recipe is then not a fraction of a second that one scheduler
+      hiccup can halve;
+    - the jobs take turns, `train_rounds` rounds of `train_warmup` + timed steps each, in this one process;
+    - each job's figure is the first job's median rate times the median over the rounds of the job's rate
+      over the first job's rate in the same round (measured back to back), so that a change of load
+      between rounds moves every job of the round alike and cancels in the ratios. The first job's
+      figure is its median; the absolute figures still depend on the load (the "(run)" column, the
+      in-run average, depends on when each run happened to train)."""
+    import time
+
     import torch
 
-    from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
+    from ipu_effnet.analysis import bench
     from ipu_effnet.backends.torch_backend import TorchRunner
     from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
     from ipu_effnet.training.model import TrainingModel
@@ -285,6 +299,7 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
 
     settings = settings or BenchSettings()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     workloads = []
     for job in jobs:
         cfg, res = job["cfg"], int(job["resolution"])
@@ -294,18 +309,41 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
         batch = cfg.train.micro_batch * cfg.train.grad_accum
         images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8)
         labels = torch.randint(0, cfg.model.num_classes, (batch,))
-        bench_cfg = BenchConfig(model=cfg.model.name, res=res, batch=batch, steps=settings.train_steps,
-                                warmup=settings.train_warmup, threads=settings.threads, mode="train")
-        workloads.append(Workload(bench_cfg, res, (lambda r=runner, x=images, y=labels: r.step(x, y)), {}))
+
+        def step(r=runner, x=images, y=labels) -> None:
+            r.step(x, y)
+
+        steps = settings.train_steps
+        if settings.train_seconds > 0:
+            bench._set_threads(settings.threads)
+            step()  # the first step of a shape also builds oneDNN's primitives: not timed
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            took = max(time.perf_counter() - start, 1e-6)
+            steps = max(steps, int(-(-settings.train_seconds // took)))
+        bench_cfg = bench.BenchConfig(model=cfg.model.name, res=res, batch=batch, steps=steps,
+                                      warmup=settings.train_warmup, threads=settings.threads, mode="train")
+        workloads.append(bench.Workload(bench_cfg, res, step, {}, sync=sync))
     rates: List[List[float]] = [[] for _ in workloads]
     bar = tqdm(total=settings.train_rounds * len(workloads), desc="training step", unit="run",
                disable=not progress, leave=False, dynamic_ncols=True)
     for _ in range(settings.train_rounds):
         for i, workload in enumerate(workloads):
-            rates[i].append(measure(workload).images_per_s)
+            rates[i].append(bench.measure(workload).images_per_s)
             bar.update(1)
     bar.close()
-    return [sorted(r)[len(r) // 2] for r in rates]
+    if not rates:
+        return []
+
+    def median(values: List[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    first = median(rates[0])
+    return [first] + [first * median([r / r0 for r, r0 in zip(job_rates, rates[0])]) for job_rates in rates[1:]]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,14 +39,14 @@ class SqueezeExcite(nn.Module):
     it gates. Its inner activation is never normalised (Proxy Norm leaves it plain).
     """
 
-    def __init__(self, chs: int, se_chs: int, act: str) -> None:
+    def __init__(self, chs: int, se_chs: int, act: str, inplace_gate: bool = False) -> None:
         super().__init__()
         self.conv_reduce = nn.Conv2d(chs, se_chs, 1, bias=True)
         self.act = get_act(act)
         self.conv_expand = nn.Conv2d(se_chs, chs, 1, bias=True)
-        # Gate x in place: only for the eval-only copies of models.fuse.fold_batchnorm, where x is the
-        # block's own fresh activation and no autograd graph needs it (saves one N x C x H x W tensor).
-        self.inplace_gate = False
+        # Gate x in place without autograd (saves one N x C x H x W tensor): only where x is always the
+        # caller's own fresh activation, which nothing else reads (MBConv's norm2 output).
+        self.inplace_gate = inplace_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)  # N, C, 1, 1
@@ -100,7 +100,7 @@ class MBConv(nn.Module):
         self.conv_dw = nn.Conv2d(args.mid_chs, args.mid_chs, args.kernel, args.stride, padding=args.kernel // 2,
                                  groups=args.groups, bias=False)
         self.norm2 = make_norm_act(norm, args.mid_chs, act=act)
-        self.se = SqueezeExcite(args.mid_chs, args.se_chs, act) if args.se_chs else nn.Identity()
+        self.se = SqueezeExcite(args.mid_chs, args.se_chs, act, inplace_gate=True) if args.se_chs else nn.Identity()
         self.conv_pwl = nn.Conv2d(args.mid_chs, args.out_chs, 1, bias=False)
         self.norm3 = make_norm_act(norm, args.out_chs, act=act, apply_act=False)
         self.has_residual = args.stride == 1 and args.in_chs == args.out_chs
@@ -142,3 +142,23 @@ class FusedMBConv(nn.Module):
 
 
 BLOCKS = {"mbconv": MBConv, "fused": FusedMBConv}
+
+# (convolution, the norm module that takes its output) inside each block type, in forward order: the
+# convolution's output goes to that norm and nowhere else.
+CONV_NORM_SITES = {
+    ConvNormAct: (("conv", "norm"),),
+    MBConv: (("conv_pw", "norm1"), ("conv_dw", "norm2"), ("conv_pwl", "norm3")),
+    FusedMBConv: (("conv_exp", "norm1"), ("conv_pwl", "norm2")),
+}
+
+
+def mark_fresh_inputs(model: nn.Module) -> nn.Module:
+    """Tell each norm that directly follows a convolution in our blocks that its input is that
+    convolution's fresh output (`fresh_input`, see norms/layers.py: BatchNorm then runs in place in
+    eval mode without autograd). Returns `model`."""
+    for module in model.modules():
+        for conv_name, norm_name in CONV_NORM_SITES.get(type(module), ()):
+            conv, norm = getattr(module, conv_name), getattr(module, norm_name)
+            if isinstance(conv, nn.Conv2d) and hasattr(norm, "fresh_input"):
+                norm.fresh_input = True
+    return model

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from norms import NormSpec
+from norms.proxy import shared_proxy_stats
 
-from .blocks import BLOCKS, ConvNormAct
+from .blocks import BLOCKS, ConvNormAct, mark_fresh_inputs
 from .builder import BlockArgs
 
 
@@ -42,6 +43,7 @@ class EfficientNet(nn.Module):
         self.classifier = nn.Linear(head_chs, num_classes)
         self.num_features = head_chs
         self._init_weights()
+        mark_fresh_inputs(self)
 
     def _init_weights(self) -> None:
         # Convolutions: He-normal over fan-out (the EfficientNet reference); linear: uniform in
@@ -64,7 +66,8 @@ class EfficientNet(nn.Module):
         return self.classifier(self.dropout(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        with shared_proxy_stats(self):  # Proxy Norm's statistics for all layers at once (norms/proxy.py)
+            return self.forward_head(self.forward_features(x))
 
     def block_paths(self) -> List[str]:
         """`blocks.<stage>.<index>` for every block, in execution order."""

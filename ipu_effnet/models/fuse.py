@@ -32,15 +32,11 @@ import torch.nn as nn
 from norms import BatchNormAct2d
 from norms.proxy import ProxyNormAct
 
-from .blocks import ConvNormAct, FusedMBConv, MBConv, SqueezeExcite
+from .blocks import CONV_NORM_SITES, MBConv, SqueezeExcite
 from .padding import Conv2dSame, as_same
 
 # (convolution, the norm module that follows it) inside each block type, in forward order.
-FOLD_SITES: Dict[Type[nn.Module], Tuple[Tuple[str, str], ...]] = {
-    ConvNormAct: (("conv", "norm"),),
-    MBConv: (("conv_pw", "norm1"), ("conv_dw", "norm2"), ("conv_pwl", "norm3")),
-    FusedMBConv: (("conv_exp", "norm1"), ("conv_pwl", "norm2")),
-}
+FOLD_SITES: Dict[Type[nn.Module], Tuple[Tuple[str, str], ...]] = CONV_NORM_SITES
 
 
 @torch.no_grad()
