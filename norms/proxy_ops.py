@@ -73,8 +73,9 @@ def _channel_shape(z: torch.Tensor) -> Tuple[int, ...]:
 def plain_ops_only(x: torch.Tensor) -> bool:
     """True where the custom nodes must not run: devices other than CPU and CUDA (their aten kernels are
     what the nodes call), and poptorch tracing for the IPU, which differentiates the traced forward
-    itself. There the "reference" formulation runs whatever `impl` says."""
-    if x.device.type not in ("cpu", "cuda"):
+    itself; and TorchScript/ONNX tracing (`export`), which can record neither the custom nodes nor the
+    in-place writes into `out=`. There the "reference" formulation runs whatever `impl` says."""
+    if x.device.type not in ("cpu", "cuda") or torch.jit.is_tracing():
         return True
     poptorch = sys.modules.get("poptorch")  # never imported from here: only if the program uses it
     return poptorch is not None and bool(getattr(poptorch, "isRunningOnIpu", lambda: False)())
