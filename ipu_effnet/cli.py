@@ -32,6 +32,8 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("compare", "ipu_effnet.commands.compare", "run, sweep and measure several recipes: one table and two plots"),
     ("quickstart", "ipu_effnet.commands.quickstart", "a small recipe comparison on the digits data, on CPU in minutes"),
     ("bench", "ipu_effnet.commands.bench", "measure training/inference images per second, optionally against another configuration"),
+    ("study", "ipu_effnet.commands.study", "norms x recipe kinds x seeds over compare: means, spreads and verdicts on the papers' claims"),
+    ("download", "ipu_effnet.commands.download", "fetch a public data set (Imagenette 2) over HTTPS and extract it"),
 ]
 
 
