@@ -413,8 +413,10 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         wanted = sorted(set(sweep_resolutions or default_resolutions(res["test_resolution"]))
                         | {res["test_resolution"]})
         rows_sweep = read_sweep_csv(run_dir / "sweep.csv") if _sweep_fresh(run_dir) else []
-        if not rows_sweep or (sweep_resolutions is not None
-                              and not set(wanted) <= {r["resolution"] for r in rows_sweep}):
+        if rows_sweep and sweep_resolutions is not None:  # reused only if it holds every size asked for
+            kept = [r for r in rows_sweep if r["resolution"] in set(wanted)]
+            rows_sweep = kept if len({r["resolution"] for r in kept}) == len(wanted) else []
+        if not rows_sweep:
             rows_sweep = sweep_checkpoint(run_dir, wanted, progress=progress)
             write_sweep(rows_sweep, run_dir, res["train_resolution"], res["test_resolution"],
                         title=f"{recipe.name}: top-1 against test resolution")
