@@ -34,6 +34,8 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("bench", "ipu_effnet.commands.bench", "measure training/inference images per second, optionally against another configuration"),
     ("export", "ipu_effnet.commands.export", "the inference copy of a run's network as ONNX or TorchScript (dynamic batch)"),
     ("predict", "ipu_effnet.commands.predict", "top-k classes of image files with a run's network"),
+    ("study", "ipu_effnet.commands.study", "norms x recipe kinds x seeds over compare: means, spreads and verdicts on the papers' claims"),
+    ("download", "ipu_effnet.commands.download", "fetch a public data set (Imagenette 2) over HTTPS and extract it"),
 ]
 
 

@@ -385,11 +385,13 @@ def _check_same_config(cfg: Any, run_dir: Path, name: str, log: Callable[[str], 
 def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence[str] = (),
             sweep_resolutions: Optional[Sequence[int]] = None, bench: Optional[BenchSettings] = None,
             progress: bool = True, log: Callable[[str], None] = print,
-            train_fn: Callable[..., Dict[str, Any]] = train_recipe) -> CompareResult:
-    """Run, sweep and measure each recipe, then write the table and plots into `out_dir`.
+            train_fn: Callable[..., Dict[str, Any]] = train_recipe, write: bool = True) -> CompareResult:
+    """Run, sweep and measure each recipe, then write the table and plots into `out_dir` (`write`
+    False: only the runs and their sweeps, for a caller that writes its own summary, as `study` does).
 
     `overrides` apply to every recipe (after its own). Configs are all loaded and checked before any
-    training starts, so a typo in the last recipe fails in a second, not after an hour."""
+    training starts, so a typo in the last recipe fails in a second, not after an hour. A finished run's
+    sweep is reused while it is newer than the run's summary and covers the resolutions asked for."""
     from ipu_effnet.analysis.sweep import (
         best_row,
         default_resolutions,
@@ -445,11 +447,13 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
 
         bar.set_description(f"{recipe.name}: sweep")
         res = _resolutions(summary, cfg)
-        if _sweep_fresh(run_dir) and sweep_resolutions is None:
-            rows_sweep = read_sweep_csv(run_dir / "sweep.csv")
-        else:
-            wanted = sorted(set(sweep_resolutions or default_resolutions(res["test_resolution"]))
-                            | {res["test_resolution"]})
+        wanted = sorted(set(sweep_resolutions or default_resolutions(res["test_resolution"]))
+                        | {res["test_resolution"]})
+        rows_sweep = read_sweep_csv(run_dir / "sweep.csv") if _sweep_fresh(run_dir) else []
+        if rows_sweep and sweep_resolutions is not None:  # reused only if it holds every size asked for
+            kept = [r for r in rows_sweep if r["resolution"] in set(wanted)]
+            rows_sweep = kept if len({r["resolution"] for r in kept}) == len(wanted) else []
+        if not rows_sweep:
             rows_sweep = sweep_checkpoint(run_dir, wanted, progress=progress)
             write_sweep(rows_sweep, run_dir, res["train_resolution"], res["test_resolution"],
                         title=f"{recipe.name}: top-1 against test resolution")
@@ -486,7 +490,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
     bar.close()
     for row, rate in zip(rows, measure_training(jobs, bench, progress=progress)):
         row["train_images_per_sec"] = rate
-    files = write_outputs(out_dir, rows, sweeps)
+    files = write_outputs(out_dir, rows, sweeps) if write else {}
     return CompareResult(out_dir, rows, sweeps, trained, skipped, files)
 
 

@@ -133,3 +133,70 @@ def plot_pareto(names: Sequence[str], top1: Sequence[float], train_ips: Sequence
     _pareto_panel(right, names, infer_ips, ys, "inference images/s")
     fig.suptitle(title or "accuracy against throughput (up and right is better)")
     return _save(plt, fig, path)
+
+
+def plot_accuracy_bands(sweeps: Sequence[Tuple[str, Sequence[Dict[str, float]], Optional[int]]],
+                        path: os.PathLike, title: str = "") -> Path:
+    """Each recipe's mean sweep over seeds with a band of +- one standard deviation: `sweeps` holds
+    (name, rows of resolution / top1_mean / top1_std (None with one seed), training resolution). The
+    training resolution is marked as in `plot_accuracy_vs_resolution`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, rows, train_res in sweeps:
+        rows = sorted(rows, key=lambda r: r["resolution"])
+        if not rows:
+            continue
+        xs = [r["resolution"] for r in rows]
+        ys = [100.0 * r["top1_mean"] for r in rows]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        spread = [100.0 * (r.get("top1_std") or 0.0) for r in rows]
+        if any(spread):
+            ax.fill_between(xs, [y - s for y, s in zip(ys, spread)], [y + s for y, s in zip(ys, spread)],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
+        if train_res:
+            at = [y for x, y in zip(xs, ys) if x == train_res]
+            if at:
+                ax.scatter([train_res], at, marker="s", s=50, color=line.get_color(), zorder=3)
+            ax.axvline(train_res, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("test resolution (px)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title or "mean top-1 against test resolution (band: +- one standard deviation over seeds)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(plt, fig, path)
+
+
+def _errorbar_panel(ax, names: Sequence[str], xs: Sequence[Tuple[Optional[float], Optional[float]]],
+                    ys: Sequence[Tuple[float, Optional[float]]], xlabel: str) -> None:
+    keep = [i for i, (x, _) in enumerate(xs) if x is not None and x > 0]
+    for i in keep:
+        (x, xerr), (y, yerr) = xs[i], ys[i]
+        ax.errorbar([x], [100.0 * y], xerr=None if xerr is None else [xerr],
+                    yerr=None if yerr is None else [100.0 * yerr], fmt="o", color="tab:blue", ecolor="tab:gray",
+                    capsize=3, zorder=3)
+        ax.annotate(names[i], (x, 100.0 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    pts = [(float(xs[i][0]), 100.0 * ys[i][0]) for i in keep]
+    front = [pts[j] for j in pareto_front(pts)]
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", linestyle="--", linewidth=1,
+                drawstyle="steps-pre" if len(front) > 1 else "default", label="Pareto front of the means")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean top-1 at native resolution (%)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_pareto_errorbars(names: Sequence[str], top1: Sequence[Tuple[float, Optional[float]]],
+                          train_ips: Sequence[Tuple[Optional[float], Optional[float]]],
+                          infer_ips: Sequence[Tuple[Optional[float], Optional[float]]], path: os.PathLike,
+                          title: str = "") -> Path:
+    """`plot_pareto` over seeds: every argument a (mean, standard deviation or None) pair per recipe,
+    top-1 as fractions; error bars of one standard deviation on both axes, the front drawn over the means."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    _errorbar_panel(left, names, train_ips, top1, "training images/s")
+    _errorbar_panel(right, names, infer_ips, top1, "inference images/s")
+    fig.suptitle(title or "accuracy against throughput, mean ± one standard deviation over seeds "
+                          "(up and right is better)")
+    return _save(plt, fig, path)
