@@ -69,7 +69,7 @@ class LineProgress:
 
     def __init__(self, iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
                  unit: str = "it", disable: bool = False, interval: float = DEFAULT_INTERVAL,
-                 file: Optional[TextIO] = None, clock: Any = time.monotonic) -> None:
+                 file: Optional[TextIO] = None, clock: Any = time.monotonic, initial: int = 0) -> None:
         self.iterable = iterable
         if total is None and iterable is not None:
             try:
@@ -83,7 +83,7 @@ class LineProgress:
         self.interval = float(interval)
         self.file = file
         self.clock = clock
-        self.n = 0
+        self.n = self.initial = int(initial)  # work done before this bar started (a resumed download)
         self.postfix = ""
         self.start = clock()
         self.last = self.start
@@ -122,7 +122,7 @@ class LineProgress:
     def _emit(self, now: float) -> None:
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100.0 * self.n / self.total:.0f}%)" if self.total else ""
-        rate = self.n / max(now - self.start, 1e-9)
+        rate = (self.n - self.initial) / max(now - self.start, 1e-9)
         eta = ""
         if self.total and self.n:
             eta = f", about {_format_seconds((self.total - self.n) / max(rate, 1e-9))} left"
@@ -140,13 +140,15 @@ class LineProgress:
 
 
 def progress_bar(iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
-                 unit: str = "it", disable: bool = False, interval: float = DEFAULT_INTERVAL, **tqdm_kwargs: Any):
+                 unit: str = "it", disable: bool = False, interval: float = DEFAULT_INTERVAL, initial: int = 0,
+                 **tqdm_kwargs: Any):
     """tqdm's bar on a terminal; a `LineProgress` when stderr is not one (or when disabled)."""
     if disable or not interactive():
-        return LineProgress(iterable, total=total, desc=desc, unit=unit, disable=disable, interval=interval)
+        return LineProgress(iterable, total=total, desc=desc, unit=unit, disable=disable, interval=interval,
+                            initial=initial)
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, **tqdm_kwargs)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, **tqdm_kwargs)
 
 
 def write(message: str, file: Optional[TextIO] = None) -> None:

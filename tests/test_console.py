@@ -35,6 +35,16 @@ def test_line_progress_prints_one_plain_line_per_interval(capsys):
     assert lines[-1].endswith("loss=2.301")
 
 
+def test_a_resumed_bar_counts_from_where_it_started(capsys):
+    clock = Clock()
+    bar = LineProgress(total=100, desc="part", unit="B", interval=10.0, clock=clock, file=sys.stdout, initial=50)
+    for _ in range(10):
+        clock.now += 1.0  # 1 B/s after the first 50: 50 left at 40 s
+        bar.update(1)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("part: 60/100 B (60%), 0:10 elapsed, about 0:40 left")
+
+
 def test_short_work_and_disabled_bars_print_nothing(capsys):
     clock = Clock()
     for disable in (False, True):

@@ -84,7 +84,7 @@ def is_complete(folder: Path) -> bool:
 def fetch(url: str, part: Path, progress: bool = True, log: Callable[[str], None] = print) -> int:
     """Download `url` into `part`, resuming what is there; returns the archive's size in bytes.
     Raises DownloadError when the connection ends before the announced size (the part is kept)."""
-    from tqdm import tqdm
+    from ipu_effnet.console import progress_bar
 
     check_url(url)
     have = part.stat().st_size if part.is_file() else 0
@@ -116,8 +116,8 @@ def fetch(url: str, part: Path, progress: bool = True, log: Callable[[str], None
             total = int(length) if length is not None and length.isdigit() else None
         if have:
             log(f"resuming {part.name} at {have:,} bytes")
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name,
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=have, unit="B", desc=part.name, disable=not progress, interval=10.0,
+                           unit_scale=True, unit_divisor=1024, dynamic_ncols=True)  # plain lines in a log
         got = have
         try:
             with open(part, mode) as f:
