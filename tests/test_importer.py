@@ -202,3 +202,27 @@ def test_cli_checks_the_init_options(tmp_path):
     assert bad.returncode == 2 and "no such file" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     bad = cli("finetune", "--init-from", str(tmp_path / "none.pth"), "--res", "64")
     assert bad.returncode == 2 and "needs --config" in bad.stderr
+
+
+def test_train_starts_from_the_file(tmp_path):
+    """train --init-from: with lr 0 the run's final weights are the file's (GroupNorm: no running
+    statistics move), and the resolved config records the file and its format."""
+    from ipu_effnet.config import model_kwargs
+    from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    sets = ["model.name=efficientnet_tiny", "model.group_size=16", "model.num_classes=4", "norm.kind=group",
+            "data.num_train=8", "data.num_val=4", "train.micro_batch=4", "train.lr=0.0", "train.weight_decay=0.0",
+            "logging.tensorboard=false"]
+    name, kwargs = model_kwargs(load(ROOT / "configs" / "tiny-cpu.yaml", sets))
+    torch.manual_seed(5)
+    source = create_model(name, **kwargs)
+    torch.save(source.state_dict(), tmp_path / "start.pth")
+    out = subprocess.run([sys.executable, "-m", "ipu_effnet", "train", "--config", "configs/tiny-cpu.yaml",
+                          *[a for s in sets for a in ("--set", s)], "--init-from", str(tmp_path / "start.pth"),
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "tensors loaded (ipu_effnet format)" in out.stdout
+    final = load_checkpoint(latest_checkpoint(tmp_path / "run"))["model"]
+    assert all(torch.equal(final[k], v) for k, v in source.state_dict().items())
+    resolved = load(tmp_path / "run" / "config.yaml")
+    assert resolved.model.init_from == str(tmp_path / "start.pth") and resolved.model.init_format == "ipu_effnet"

@@ -2,7 +2,7 @@
 functions it calls (nanoGPT's shape).
 
     summary = train(cfg, run_dir)                  # writes config.yaml, metrics.jsonl, summary.json,
-                                                   # checkpoints/ into run_dir
+                                                   # checkpoints/, tensorboard/ (training/tb.py) into run_dir
     summary = train(cfg, run_dir, resume=True)     # continue from run_dir's newest checkpoint
 
 `train` runs a native recipe itself and hands `halfres` and `progressive` to the orchestrator
