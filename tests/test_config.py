@@ -14,7 +14,9 @@ from ipu_effnet import config as C
 from ipu_effnet.config import Config, ConfigError, dump, load, model_kwargs, norm_spec, write_resolved
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = sorted(CONFIGS.glob("**/*.yaml"))
+# configs/study/*.yaml are `study` presets (a base recipe plus the matrix), checked in tests/test_study.py
+STUDY_PRESETS = sorted((CONFIGS / "study").glob("*.yaml"))
+RECIPES = sorted(p for p in CONFIGS.glob("**/*.yaml") if p not in STUDY_PRESETS)
 PUBLISHED = [
     f"efficientnet_b{i}{suffix}" for suffix in ("", "_g16") for i in range(8)
 ] + ["efficientnetv2_s", "efficientnetv2_m", "efficientnetv2_l"]
@@ -382,6 +384,13 @@ def test_every_recipe_loads_round_trips_and_gives_model_kwargs(path):
     assert Config.from_dict(yaml.safe_load(dump(cfg))) == cfg
     name, kwargs = model_kwargs(cfg)
     assert name == cfg.model.name and kwargs["norm"].kind == cfg.norm.kind
+
+
+@pytest.mark.parametrize("path", STUDY_PRESETS, ids=[p.name for p in STUDY_PRESETS])
+def test_every_study_preset_starts_with_a_comment_and_names_a_base_recipe(path):
+    assert path.read_text().startswith("#"), "each preset starts with a comment saying what it is"
+    preset = yaml.safe_load(path.read_text())
+    assert (path.parent / preset["base"]).is_file() and (path.parent / preset["base"]) in RECIPES
 
 
 def test_recipes_follow_the_published_configs():
