@@ -1,5 +1,5 @@
 """Fault injection: bad config, bad data, pre-emption, SIGKILL, non-finite losses, full disks, unsafe
-checkpoints (issue #9). One section per item of the issue; each test fails if that behaviour regresses.
+checkpoints. One section per kind of fault; each test fails if that behaviour regresses.
 
 Runs are `efficientnet_tiny` at 16 px on a few dozen generated (or written) images, on one thread so
 that a run split across processes can be compared bit for bit with one that was not.

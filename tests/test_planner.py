@@ -1,4 +1,4 @@
-"""The split planner (issue 7): balanced stages for B0..B7, Graphcore's published splits fit, B4 on one
+"""The split planner: balanced stages for B0..B7, Graphcore's published splits fit, B4 on one
 IPU does not. Golden layouts: REFERENCE.md section 6; memory: section 7 (900 MB per Mk2 IPU)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Recipe comparison: run several recipes on one data set, sweep each over test resolutions, measure
-inference speed and memory on this machine, and write one table and two plots (issue 5, item 4).
+inference speed and memory on this machine, and write one table and two plots.
 
     recipes = recipes_from_files(["configs/quickstart/g16-gn-native.yaml", ...])
     result = compare(recipes, "runs/cmp", overrides=["data.dataset=digits"])
