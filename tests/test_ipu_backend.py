@@ -27,23 +27,6 @@ TINY = ROOT / "configs" / "tiny-cpu.yaml"
 POD_RECIPES = sorted((ROOT / "configs").glob("*pod*.yaml"))
 
 
-@pytest.fixture
-def poptorch(monkeypatch):
-    """The double, importable as `poptorch` / `popdist` for this test only."""
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("poptorch", "popdist"):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(DOUBLE))
-    for key in ("POPDIST_NUM_INSTANCES", "POPDIST_INSTANCE_INDEX", "POPDIST_NUM_TOTAL_REPLICAS",
-                "POPDIST_NUM_IPUS_PER_REPLICA"):
-        monkeypatch.delenv(key, raising=False)
-    import poptorch as double
-
-    double.reset()
-    yield double
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("poptorch", "popdist"):
-            del sys.modules[name]
 
 
 def tiny_cfg(*overrides):

@@ -30,22 +30,6 @@ DOUBLE = Path(__file__).resolve().parent / "poptorch_double"
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 
 
-@pytest.fixture
-def poptorch(monkeypatch):
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("poptorch", "popdist"):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(DOUBLE))
-    for key in list(os.environ):
-        if key.startswith("POPDIST_"):
-            monkeypatch.delenv(key)
-    import poptorch as double
-
-    double.reset(hardware=True)
-    yield double
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("poptorch", "popdist"):
-            del sys.modules[name]
 
 
 def sets(overrides):

@@ -4,29 +4,9 @@ backend's tests can see lifecycle mistakes without the SDK."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
-
-DOUBLE = Path(__file__).resolve().parent / "poptorch_double"
-
-
-@pytest.fixture
-def poptorch(monkeypatch):
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("poptorch", "popdist"):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(DOUBLE))
-    import poptorch as double
-
-    double.reset()
-    yield double
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("poptorch", "popdist"):
-            del sys.modules[name]
 
 
 class Net(nn.Module):

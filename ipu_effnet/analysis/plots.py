@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 def _pyplot():
@@ -69,6 +69,17 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: os.PathLike, train_resolu
     return _save(plt, fig, path)
 
 
+def _mark_training_resolution(ax: Any, line: Any, xs: Sequence[int], ys: Sequence[float],
+                              train_res: Optional[int]) -> None:
+    """A square of the line's colour where it passes the training resolution, and a dotted vertical line."""
+    if not train_res:
+        return
+    at = [y for x, y in zip(xs, ys) if x == train_res]
+    if at:
+        ax.scatter([train_res], at, marker="s", s=50, color=line.get_color(), zorder=3)
+    ax.axvline(train_res, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+
+
 def plot_accuracy_vs_resolution(sweeps: Sequence[Tuple[str, Sequence[Dict[str, float]], Optional[int]]],
                                 path: os.PathLike, title: str = "") -> Path:
     """Every recipe's sweep on one plot: `sweeps` holds (name, rows, training resolution). Each line's
@@ -83,11 +94,7 @@ def plot_accuracy_vs_resolution(sweeps: Sequence[Tuple[str, Sequence[Dict[str, f
         xs = [r["resolution"] for r in rows]
         ys = [100.0 * r["top1"] for r in rows]
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        if train_res:
-            at = [y for x, y in zip(xs, ys) if x == train_res]
-            if at:
-                ax.scatter([train_res], at, marker="s", s=50, color=line.get_color(), zorder=3)
-            ax.axvline(train_res, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+        _mark_training_resolution(ax, line, xs, ys, train_res)
     ax.set_xlabel("test resolution (px)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(title or "accuracy against test resolution (squares, dotted lines: training resolution)")
@@ -153,11 +160,7 @@ def plot_accuracy_bands(sweeps: Sequence[Tuple[str, Sequence[Dict[str, float]], 
         if any(spread):
             ax.fill_between(xs, [y - s for y, s in zip(ys, spread)], [y + s for y, s in zip(ys, spread)],
                             color=line.get_color(), alpha=0.18, linewidth=0)
-        if train_res:
-            at = [y for x, y in zip(xs, ys) if x == train_res]
-            if at:
-                ax.scatter([train_res], at, marker="s", s=50, color=line.get_color(), zorder=3)
-            ax.axvline(train_res, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+        _mark_training_resolution(ax, line, xs, ys, train_res)
     ax.set_xlabel("test resolution (px)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(title or "mean top-1 against test resolution (band: +- one standard deviation over seeds)",
