@@ -1,4 +1,4 @@
-"""Fine-tuning (REFERENCE.md section 5): only the modules from first_trainable on change; frozen
+"""Fine-tuning (docs/reference.md section 5): only the modules from first_trainable on change; frozen
 parameters and frozen BatchNorm statistics stay bitwise equal."""
 
 from __future__ import annotations

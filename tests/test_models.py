@@ -1,4 +1,4 @@
-"""The model family against the published numbers (REFERENCE.md sections 1-3) and its structure."""
+"""The model family against the published numbers (docs/reference.md sections 1-3) and its structure."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ipu_effnet.models.builder import make_divisible
 from ipu_effnet.models.profile import profile_model, stage_table
 from norms import NormSpec
 
-# REFERENCE.md sections 1 and 2: torchvision parameter counts (BatchNorm, 1000 classes) and GMACs
+# docs/reference.md sections 1 and 2: torchvision parameter counts (BatchNorm, 1000 classes) and GMACs
 # (conv + linear multiply-accumulates) at the resolution given.
 PUBLISHED = {
     "efficientnet_b0": (5_288_548, 0.386, 224),

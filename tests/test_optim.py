@@ -1,5 +1,5 @@
 """Optimisers: TensorFlow's RMSprop against a hand-written reference; weight decay on exactly the
-parameters the param-groups rule names (REFERENCE.md section 6)."""
+parameters the param-groups rule names (docs/reference.md section 6)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_weight_decay_hits_exactly_the_decayed_parameters(name, norm):
     split = split_params(model)
     decayed = {id(p) for _, p in split.decay}
     assert decayed, "the model has weights to decay"
-    if norm == "layer+proxy":  # Proxy Norm's gamma_t and beta_t are 1-D and decayed (REFERENCE.md section 4)
+    if norm == "layer+proxy":  # Proxy Norm's gamma_t and beta_t are 1-D and decayed (docs/reference.md section 4)
         assert any(n.endswith("proxy_weight") for n, _ in split.decay)
     with torch.no_grad():  # nonzero everywhere (Proxy Norm's gamma_t, beta_t start at 0)
         for p in model.parameters():

@@ -44,7 +44,7 @@ def test_groups_hold_exactly_the_expected_parameters(norm):
     if norm != "none":
         assert {"stem.norm.weight", "stem.norm.bias", "blocks.1.0.norm3.weight"} <= no_decay
     if norm.endswith("+proxy"):
-        # REFERENCE.md section 4: gamma_t and beta_t decayed, gamma and beta not; the projection norm's scale not
+        # docs/reference.md section 4: gamma_t and beta_t decayed, gamma and beta not; the projection norm's scale not
         assert {"stem.norm.proxy_weight", "stem.norm.proxy_bias", "head.norm.proxy_weight"} <= decay
         assert {"stem.norm.weight", "stem.norm.bias", "blocks.1.0.norm3.weight"} <= no_decay
         assert isinstance(model.blocks[1][0].norm3, GroupNormScale)

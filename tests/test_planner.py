@@ -1,5 +1,5 @@
 """The split planner: balanced stages for B0..B7, Graphcore's published splits fit, B4 on one
-IPU does not. Golden layouts: REFERENCE.md section 6; memory: section 7 (900 MB per Mk2 IPU)."""
+IPU does not. Golden layouts: docs/reference.md section 6; memory: section 7 (900 MB per Mk2 IPU)."""
 
 from __future__ import annotations
 

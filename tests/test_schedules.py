@@ -1,5 +1,5 @@
 """LR schedules at specific epochs: warm-up, Graphcore's 0.97 decay steps, the cosine end
-(REFERENCE.md section 6: lr(t) = lr0 * 0.97 ** floor(0.424 * t) * min(1, t / 5))."""
+(docs/reference.md section 6: lr(t) = lr0 * 0.97 ** floor(0.424 * t) * min(1, t / 5))."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """TrainingModel: uint8 normalisation, label smoothing, mixup and cutmix against hand computations
-(REFERENCE.md section 6), fp32 loss under reduced precision, the return shapes."""
+(docs/reference.md section 6), fp32 loss under reduced precision, the return shapes."""
 
 from __future__ import annotations
 

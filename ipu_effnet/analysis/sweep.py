@@ -1,5 +1,5 @@
 """Resolution sweep: a checkpoint's top-1, top-5 and loss at a list of test resolutions, over the whole
-validation set (REFERENCE.md section 5: a model trained at one resolution tests best at a larger one,
+validation set (docs/reference.md section 5: a model trained at one resolution tests best at a larger one,
 FixRes's "train-test resolution discrepancy"; half-resolution training plus fine-tuning moves that optimum
 back to the native resolution).
 

@@ -1,7 +1,7 @@
 """Host-side collectives between the processes of one run.
 
 Gradients never pass through here: under torchrun DistributedDataParallel reduces them, and under poprun
-the compiled IPU program reduces them across replicas. What the host still needs (REFERENCE.md section 6,
+the compiled IPU program reduces them across replicas. What the host still needs (docs/reference.md section 6,
 as Graphcore's code does it under poprun with horovod):
 
 - the epoch's training sums and the validation counts added up over processes, so every process logs

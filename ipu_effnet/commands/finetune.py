@@ -1,4 +1,4 @@
-"""`finetune`: the half-resolution recipe's fine-tune phase (REFERENCE.md section 5) from any checkpoint.
+"""`finetune`: the half-resolution recipe's fine-tune phase (docs/reference.md section 5) from any checkpoint.
 
     python -m ipu_effnet finetune --checkpoint RUN_DIR_OR_FILE --res R [--epochs E] [--lr LR]
                                   [--first-trainable PATH] [--averaged] [--out DIR] [--set key=value ...]

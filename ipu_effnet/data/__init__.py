@@ -1,7 +1,7 @@
 """Data: datasets (an ImageNet folder, generated images, scikit-learn's digits), transforms, loaders.
 
 Images leave this package as uint8 N x C x H x W batches with int64 labels; mean/std normalisation
-happens on the device, in the model wrapper (REFERENCE.md section 6). Preprocessing follows Graphcore's
+happens on the device, in the model wrapper (docs/reference.md section 6). Preprocessing follows Graphcore's
 recipe: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip for training, shorter side to
 res / 0.875 then a centre crop for evaluation, JPEGs decoded at reduced scale where the output is much
 smaller than the image.

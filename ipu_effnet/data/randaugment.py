@@ -1,6 +1,6 @@
 """RandAugment (Cubuk et al. 2020) with Pillow operations only: N operations per image, magnitude M.
 
-Used by the progressive recipe (EfficientNetV2, REFERENCE.md section 2), whose magnitude grows from stage
+Used by the progressive recipe (EfficientNetV2, docs/reference.md section 2), whose magnitude grows from stage
 to stage, and available to any recipe through `train.randaugment_magnitude` / `train.randaugment_ops`.
 
 Magnitude scale: google/automl's (which EfficientNetV2's recipes use): M = 10 is the classic maximum

@@ -1,4 +1,4 @@
-"""Image transforms without torchvision, ending in uint8 C x H x W tensors (REFERENCE.md section 6).
+"""Image transforms without torchvision, ending in uint8 C x H x W tensors (docs/reference.md section 6).
 
 Training: Inception-style RandomResizedCrop (area scale 0.08-1, aspect ratio 3/4-4/3, ten attempts, then
 the largest centred crop whose aspect ratio is in range, as torchvision does) and a horizontal flip with

@@ -57,7 +57,7 @@ RECOMPUTE_MODES = ("auto", "off", "stage", "blocks")
 @dataclass
 class Assumptions:
     """Every constant the memory model uses; printed with each plan and written into its JSON."""
-    ipu_memory_mb: float = 900.0      # Mk2 GC200 In-Processor Memory (REFERENCE.md section 7)
+    ipu_memory_mb: float = 900.0      # Mk2 GC200 In-Processor Memory (docs/reference.md section 7)
     overhead_mb: float = 150.0        # ASSUMED fixed per-IPU cost: code, exchange buffers, host streams
     weight_bytes: int = 2             # from the precision: 2 for 16.x / bf16, 4 for 32.32
     activation_bytes: int = 2

@@ -1,4 +1,4 @@
-"""Module paths -> modules, for pipeline splits and recomputation points (DESIGN.md, "How data flows").
+"""Module paths -> modules, for pipeline splits and recomputation points.
 
 A split names the first module of the next pipeline stage: `stem`, `blocks.<stage>.<index>`, `head`, or
 finer, `blocks.3.0.conv_pw`. The same names drive `poptorch.BeginBlock` (stage k on IPU k) and torch

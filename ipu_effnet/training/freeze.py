@@ -1,4 +1,4 @@
-"""Freezing the layers before a named module, for fine-tuning (REFERENCE.md section 5).
+"""Freezing the layers before a named module, for fine-tuning (docs/reference.md section 5).
 
 The half-resolution recipe fine-tunes only the last layers at the test resolution: everything before
 `finetune.first_trainable` (Graphcore's B0 recipe: `blocks.5.3`, B4: `blocks.6.1`) keeps its weights.

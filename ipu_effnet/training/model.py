@@ -1,9 +1,9 @@
 """The training wrapper: uint8 images in, loss (and logits) out, with the loss computed inside `forward`.
 
 poptorch compiles forward, backward and the optimiser step from one call of `forward`, so the loss has
-to live here rather than in the loop (DESIGN.md, "How data flows"); every backend calls the same thing.
+to live here rather than in the loop; every backend calls the same thing.
 
-What `TrainingModel.forward` does, in order (Graphcore's recipe, REFERENCE.md section 6):
+What `TrainingModel.forward` does, in order (Graphcore's recipe, docs/reference.md section 6):
 
 1. uint8 N x C x H x W images -> float32, normalised with the ImageNet mean/std: (x / 255 - mean) / std
    (the host/device boundary stays uint8: a quarter of the bytes of fp32);

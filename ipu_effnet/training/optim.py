@@ -1,6 +1,6 @@
 """Optimisers: RMSprop in TensorFlow's variant, SGD and AdamW, with weight decay by parameter group.
 
-Graphcore's EfficientNet recipe (REFERENCE.md section 6) trains with TensorFlow's RMSprop, which differs
+Graphcore's EfficientNet recipe (docs/reference.md section 6) trains with TensorFlow's RMSprop, which differs
 from `torch.optim.RMSprop` in three ways that matter at lr 0.05 over 350 epochs:
 
 - eps (1e-3) sits *inside* the square root: g / sqrt(ms + eps), not g / (sqrt(ms) + eps);

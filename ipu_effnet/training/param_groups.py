@@ -1,6 +1,6 @@
 """Which parameters get weight decay: two optimiser parameter groups.
 
-The rule (EfficientNet reference and Graphcore's recipe, REFERENCE.md sections 4 and 6):
+The rule (EfficientNet reference and Graphcore's recipe, docs/reference.md sections 4 and 6):
 
 - decayed: every parameter with 2 or more dimensions (convolution and linear weights);
 - not decayed: 1-D parameters (biases, norm gamma and beta);

@@ -5,7 +5,7 @@
 
 native
     `loop.train` in `run_dir` (config.yaml, metrics.jsonl, summary.json, checkpoints/).
-halfres (Masters et al. 2021; REFERENCE.md section 5)
+halfres (Masters et al. 2021; docs/reference.md section 5)
     Phase `train`, in `run_dir/train/`: the training recipe at `halfres_resolution(cfg)`.
     Phase `finetune`, in `run_dir/finetune/`: from that phase's weight-averaged model (the per-epoch
     exponential average, decay train.weight_avg_decay), `finetune_config(cfg)` for finetune.epochs at
@@ -17,7 +17,7 @@ halfres (Masters et al. 2021; REFERENCE.md section 5)
     apart from those listed in section 5, and the smoothed loss is the one the model was trained on.
     The final checkpoint is also linked into `run_dir/checkpoints/`, so `evaluate`/`sweep --checkpoint
     RUN_DIR` see the fine-tuned model; `run_dir/summary.json` merges both phases.
-progressive (EfficientNetV2 Algorithm 1; REFERENCE.md section 2)
+progressive (EfficientNetV2 Algorithm 1; docs/reference.md section 2)
     One phase in `run_dir` whose epochs are split evenly over train.progressive_stages stages; stage i
     trains at S_i = S_0 + (S_e - S_0) i / (M - 1), with dropout, RandAugment magnitude and mixup alpha
     interpolated the same way. Weights, optimiser and learning-rate schedule run on across stages.
@@ -72,7 +72,7 @@ __all__ = [
     "run_recipe",
 ]
 
-# The paper's half-resolution training sizes (REFERENCE.md section 5), by V1 variant.
+# The paper's half-resolution training sizes (docs/reference.md section 5), by V1 variant.
 HALFRES_SIZES: Dict[str, int] = {"efficientnet_b0": 160, "efficientnet_b1": 176, "efficientnet_b2": 192,
                                  "efficientnet_b3": 204, "efficientnet_b4": 252, "efficientnet_b5": 328}
 PROGRESSIVE_ROUND = 8
@@ -143,7 +143,7 @@ def progressive_from_config(cfg: Config) -> List[Stage]:
 
 def finetune_config(cfg: Config, resolution: Optional[int] = None, epochs: Optional[float] = None,
                     lr: Optional[float] = None, first_trainable: Optional[str] = None) -> Config:
-    """The config of the fine-tune phase: `cfg` with the train section set as REFERENCE.md section 5 says."""
+    """The config of the fine-tune phase: `cfg` with the train section set as docs/reference.md section 5 says."""
     ft = cfg.finetune
     res = resolution or ft.resolution or native_resolution(cfg.model.name)
     t = cfg.train

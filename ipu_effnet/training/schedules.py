@@ -1,6 +1,6 @@
 """Learning-rate schedules as pure functions of the fractional epoch t (nanoGPT's `get_lr`, by epoch).
 
-Graphcore's EfficientNet recipe (REFERENCE.md section 6):
+Graphcore's EfficientNet recipe (docs/reference.md section 6):
 
     lr(t) = lr0 * 0.97 ** floor(0.424 * t) * min(1, t / 5)
 
