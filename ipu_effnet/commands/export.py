@@ -4,7 +4,7 @@
                                 [--averaged] [--no-verify]
 
 What is exported is `inference.InferenceModel`: BatchNorm folded into the convolutions, Proxy Norm's
-statistics frozen (in its standard-operator formulation, `plain_ops`), the input normalisation inside. Input `images`: uint8 RGB, N x 3 x R x R (values
+statistics frozen (traced in its standard-operator formulation: norms.proxy_ops.plain_ops_only), the input normalisation inside. Input `images`: uint8 RGB, N x 3 x R x R (values
 0..255, prepared as validation images: shorter side to R / 0.875, centre crop); output `logits`:
 N x classes. The batch size is dynamic; the resolution is fixed at export (--res, default the run's
 evaluation resolution). Class names and the resolution are stored in the file: ONNX metadata
@@ -67,16 +67,6 @@ def sample_images(cfg, resolution: int, count: int = 8):
         gen = torch.Generator().manual_seed(0)
         return (torch.randint(0, 256, (count, 3, resolution, resolution), dtype=torch.uint8, generator=gen),
                 f"{count} random images (the run's {cfg.data.dataset} data is not available here)")
-
-
-def plain_ops(model):
-    """`model` with Proxy Norm's "reference" formulation (norms/proxy_ops.py): the same function in
-    standard operators, which exporters can write; the fused and in-place ones are custom autograd
-    nodes, opaque to ONNX and TorchScript. Returns `model`, changed in place."""
-    for module in model.modules():
-        if isinstance(getattr(module, "impl", None), str):
-            module.impl = "reference"
-    return model
 
 
 def export_onnx(model, path: Path, resolution: int, metadata: dict, opset: int = 17) -> None:
@@ -157,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
                 "input": f"images: uint8 RGB N x 3 x {res} x {res}, values 0..255 (resize the shorter side to "
                          f"{round(res / 0.875)}, centre crop); output logits: N x {len(names)}",
                 "model": str((ckpt.get("model_args") or {}).get("name")), "checkpoint": str(path)}
-    plain_ops(model)
     if args.format == "onnx":
         export_onnx(model, out, res, metadata, args.opset)
     else:
