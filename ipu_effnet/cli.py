@@ -60,8 +60,10 @@ def build_parser(commands: Sequence[Tuple[str, str, str]] = COMMANDS) -> Tuple[a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ipu_effnet.allocator import tune_host_allocator
     from ipu_effnet.console import quiet_other_ranks
 
+    tune_host_allocator()  # before the first large tensor: glibc serves training-step blocks from its heap
     quiet_other_ranks()  # torchrun/poprun: only the main process prints to stdout; all keep stderr
     parser, modules = build_parser()
     args = parser.parse_args(argv)
