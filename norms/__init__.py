@@ -46,5 +46,5 @@ def make_norm_act(spec: Union[NormSpec, str, None], num_channels: int, act: Opti
     if spec.kind == "batch":
         return BatchNormAct2d(num_channels, eps=spec.eps, momentum=spec.momentum, act=act, apply_act=apply_act)
     if spec.kind in ("group", "layer"):
-        return GroupNormAct(num_channels, spec.num_groups_for_layer, eps=spec.eps, act=act, apply_act=apply_act)
+        return GroupNormAct(num_channels, spec.num_groups, eps=spec.eps, act=act, apply_act=apply_act)
     return ActOnly(num_channels, act=act, apply_act=apply_act)

@@ -297,7 +297,7 @@ def make_proxy_norm_act(spec: NormSpec, num_channels: int, act: Optional[str] = 
     """
     if spec.kind not in ("group", "layer"):
         raise ValueError(f"Proxy Norm needs kind 'group' or 'layer', got kind {spec.kind!r}")
-    groups = spec.num_groups_for_layer
+    groups = spec.num_groups
     if not apply_act:
         return GroupNormScale(num_channels, groups, eps=spec.eps)
     return ProxyNormAct(num_channels, groups, eps=spec.eps, act=act, proxy_eps=spec.proxy_eps,

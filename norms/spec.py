@@ -57,8 +57,15 @@ class NormSpec:
         return self.kind in BATCH_INDEPENDENT_KINDS
 
     @property
-    def num_groups_for_layer(self) -> int:
+    def num_groups(self) -> int:
+        """GroupNorm's group count for this kind: 1 for layer (LayerNorm is GroupNorm with one group)."""
         return 1 if self.kind == "layer" else self.groups
+
+    @property
+    def label(self) -> str:
+        """The short name runs and tables use: the kind, with "+proxy" for Proxy Norm ("layer+proxy");
+        `as_norm_spec` reads it back."""
+        return self.kind + ("+proxy" if self.proxy else "")
 
     def with_(self, **changes) -> NormSpec:
         return replace(self, **changes)

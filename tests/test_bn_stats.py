@@ -282,8 +282,8 @@ def test_the_loop_recomputes_the_averages_statistics_and_stores_them_in_the_fina
     from pathlib import Path
 
     from ipu_effnet.config import load
+    from ipu_effnet.run import train
     from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint, rebuild_model
-    from ipu_effnet.training.loop import train
 
     root = Path(__file__).resolve().parents[1]
     logged = []

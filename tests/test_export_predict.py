@@ -13,8 +13,8 @@ from PIL import Image
 
 from ipu_effnet.config import load
 from ipu_effnet.errors import UsageError
+from ipu_effnet.run import train
 from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint, rebuild_model
-from ipu_effnet.training.loop import train
 from ipu_effnet.training.model import TrainingModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,8 +29,8 @@ from ipu_effnet.data import create_dataset, create_loader
 from ipu_effnet.data.datasets import ALPHA_FILL, DataError, DataWarning, ImageFolderDataset
 from ipu_effnet.data.transforms import EvalTransform
 from ipu_effnet.errors import RunError, UsageError
+from ipu_effnet.run import faults, train
 from ipu_effnet.training import checkpoint as ckpt_mod
-from ipu_effnet.training import faults
 from ipu_effnet.training.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -38,7 +38,6 @@ from ipu_effnet.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
 )
-from ipu_effnet.training.loop import train
 from ipu_effnet.training.model import TrainingModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +305,7 @@ HOLD_IN_SECOND_STEP = """
 import sys, time
 from pathlib import Path
 from ipu_effnet.backends.torch_backend import TorchRunner
-from ipu_effnet.training import faults
+from ipu_effnet.run import faults
 real_step, calls = TorchRunner.step, []
 def step(self, images, labels):
     calls.append(1)

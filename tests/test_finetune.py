@@ -12,6 +12,7 @@ import torch
 from ipu_effnet.cli import main
 from ipu_effnet.config import load, model_kwargs
 from ipu_effnet.models import create_model
+from ipu_effnet.run.recipes import finetune_config
 from ipu_effnet.training.averaging import WeightAverager
 from ipu_effnet.training.checkpoint import (
     latest_checkpoint,
@@ -20,7 +21,6 @@ from ipu_effnet.training.checkpoint import (
     save_checkpoint,
 )
 from ipu_effnet.training.freeze import default_first_trainable, freeze_before, frozen_module_names
-from ipu_effnet.training.recipes import finetune_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4", "model.drop_path_rate=0.0",

@@ -433,8 +433,8 @@ def test_the_package_never_imports_the_double():
 def test_bn_recalibration_is_a_logged_skip_on_the_ipu_backend(poptorch, tmp_path):
     """Recomputing the average's BatchNorm statistics would need a third poptorch program: the loop says
     it skips, and the summary and checkpoint say the statistics are the averaged ones."""
+    from ipu_effnet.run import train
     from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
-    from ipu_effnet.training.loop import train
 
     cfg = tiny_cfg("model.resolution=32", "model.num_classes=4", "model.group_size=16", "norm.kind=batch",
                    "data.num_train=8", "data.num_val=4", "train.micro_batch=4", "train.epochs=1",
@@ -449,8 +449,8 @@ def test_bn_recalibration_is_a_logged_skip_on_the_ipu_backend(poptorch, tmp_path
 def test_the_training_loop_runs_on_the_ipu_backend(poptorch, tmp_path):
     """train() with backend=ipu: the runner, host-side weight sync, evaluation and checkpoints, end to end
     through the double (which runs the model eagerly on the CPU)."""
+    from ipu_effnet.run import train
     from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
-    from ipu_effnet.training.loop import train
 
     cfg = tiny_cfg("model.resolution=32", "model.num_classes=4", "model.group_size=16", "norm.kind=layer",
                    "norm.proxy=true", "data.num_train=16", "data.num_val=8", "train.micro_batch=4",
@@ -473,8 +473,8 @@ def test_a_resumed_ipu_run_carries_the_device_optimiser_state(poptorch, tmp_path
     run loads it back, so momentum survives: resuming from epoch 1 ends bitwise where the straight run did."""
     import shutil
 
+    from ipu_effnet.run import train
     from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
-    from ipu_effnet.training.loop import train
 
     cfg = tiny_cfg("model.resolution=32", "model.num_classes=4", "model.group_size=16", "norm.kind=group",
                    "model.drop_rate=0.0", "model.drop_path_rate=0.0", "data.num_train=16", "data.num_val=8",

@@ -20,8 +20,8 @@ from ipu_effnet.backends.pipeline import StageModule, build_stage_steps, check_p
 from ipu_effnet.config import load, model_kwargs
 from ipu_effnet.errors import UsageError
 from ipu_effnet.models import create_model
+from ipu_effnet.run import train
 from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
-from ipu_effnet.training.loop import train
 from ipu_effnet.training.model import TrainingModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 
 from ipu_effnet.config import load
+from ipu_effnet.resolutions import halfres_resolution, halfres_rule
+from ipu_effnet.run import train
+from ipu_effnet.run.phases import stage_index
+from ipu_effnet.run.recipes import algorithm1, progressive_stages
 from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
-from ipu_effnet.training.loop import stage_index
-from ipu_effnet.training.recipes import (
-    algorithm1,
-    halfres_resolution,
-    halfres_rule,
-    progressive_stages,
-    run_recipe,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=efficientnet_tiny", "model.num_classes=4", "model.group_size=16", "model.drop_path_rate=0.0",
@@ -48,7 +44,7 @@ def test_halfres_sizes():
 
 def test_native_recipe_is_train(tmp_path):
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml", TINY + ["model.resolution=32"])
-    summary = run_recipe(cfg, tmp_path, **QUIET)
+    summary = train(cfg, tmp_path, **QUIET)
     assert summary["recipe"] == "native" and summary["resolution"] == 32 and summary["steps"] == 2
     assert Path(summary["checkpoint"]).parent == tmp_path / "checkpoints"
 
@@ -56,7 +52,7 @@ def test_native_recipe_is_train(tmp_path):
 def test_halfres_recipe_trains_fine_tunes_and_does_not_redo_phases(tmp_path):
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml",
                TINY + ["recipe=halfres", "model.resolution=32", "finetune.resolution=64", "finetune.epochs=1"])
-    summary = run_recipe(cfg, tmp_path, **QUIET)
+    summary = train(cfg, tmp_path, **QUIET)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (summary["resolution"], summary["finetune_resolution"], summary["eval_resolution"]) == (32, 64, 64)
     for key in ("val_top1", "val_top5", "val_loss", "val_top1_averaged", "train_images_per_sec", "params",
@@ -67,14 +63,14 @@ def test_halfres_recipe_trains_fine_tunes_and_does_not_redo_phases(tmp_path):
     assert load_checkpoint(latest_checkpoint(tmp_path))["config"]["model"]["resolution"] == 64
     ft_ckpts = sorted((tmp_path / "finetune" / "checkpoints").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in ft_ckpts]
-    again = run_recipe(cfg, tmp_path, resume=True, **QUIET)  # both phases complete: nothing is redone
+    again = train(cfg, tmp_path, resume=True, **QUIET)  # both phases complete: nothing is redone
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "finetune" / "checkpoints").iterdir())] == mtimes
     assert again["val_top1"] == summary["val_top1"]
 
 
 def test_progressive_recipe_runs_its_stages(tmp_path):
     cfg = load(ROOT / "configs" / "tiny-cpu-progressive.yaml", TINY[:-2] + ["train.epochs=3"])
-    summary = run_recipe(cfg, tmp_path, **QUIET)
+    summary = train(cfg, tmp_path, **QUIET)
     assert summary["stage_resolutions"] == [32, 40, 48] and summary["resolution"] == 48
     assert summary["steps"] == 3 * 2
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +78,7 @@ def test_progressive_recipe_runs_its_stages(tmp_path):
 
 
 def test_only_the_main_process_speaks_for_a_recipe(monkeypatch):
-    from ipu_effnet.training.recipes import is_main_process
+    from ipu_effnet.run.recipes import is_main_process
 
     monkeypatch.delenv("RANK", raising=False)
     assert is_main_process()

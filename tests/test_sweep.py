@@ -21,7 +21,7 @@ logging: {progress: false, log_every: 1}
 
 def tiny_run(tmp_path, name="run", overrides=()):
     from ipu_effnet.config import load
-    from ipu_effnet.training.loop import train
+    from ipu_effnet.run import train
 
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(TINY)

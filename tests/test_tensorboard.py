@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ipu_effnet.config import load  # noqa: E402
 from ipu_effnet.errors import UsageError  # noqa: E402
+from ipu_effnet.run import train  # noqa: E402
 from ipu_effnet.training import tb  # noqa: E402
-from ipu_effnet.training.recipes import run_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -39,7 +39,7 @@ def records(run: Path, kind: str):
 def test_events_hold_what_metrics_jsonl_holds(tmp_path):
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml", TINY)
     run = tmp_path / "run"
-    run_recipe(cfg, run, log=lambda _m: None)
+    train(cfg, run, log=lambda _m: None)
     acc = accumulator(run / "tensorboard")
     steps = records(run, "step")
     assert [r["step"] for r in steps] == [3, 6, 9, 12, 15]  # 2 epochs of 8 steps, every 3rd step
@@ -64,7 +64,7 @@ def test_halfres_phases_share_one_run_with_steps_counted_on(tmp_path):
                TINY + ["recipe=halfres", "train.epochs=1", "finetune.epochs=1", "finetune.resolution=64",
                        "finetune.micro_batch=8"])
     run = tmp_path / "run"
-    summary = run_recipe(cfg, run, log=lambda _m: None)
+    summary = train(cfg, run, log=lambda _m: None)
     assert not (run / "train" / "tensorboard").exists() and not (run / "finetune" / "tensorboard").exists()
     acc = accumulator(run / "tensorboard")
     main_steps = summary["phases"]["train"]["steps"]
@@ -82,13 +82,13 @@ def test_resumed_run_purges_what_followed_its_checkpoint(tmp_path):
 
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml", TINY + ["logging.log_every=1"])
     run = tmp_path / "run"
-    run_recipe(cfg, run, log=lambda _m: None)
+    train(cfg, run, log=lambda _m: None)
     first = list_checkpoints(run / "checkpoints")[0]  # after epoch 1 (step 8)
     for later in list_checkpoints(run / "checkpoints")[1:]:
         later.unlink()
     (run / "summary.json").unlink()
     assert first.name.endswith("s000000008.pt")
-    run_recipe(cfg, run, resume=True, log=lambda _m: None)
+    train(cfg, run, resume=True, log=lambda _m: None)
     got = scalars(accumulator(run / "tensorboard"), "train/loss")
     assert [s for s, _ in got] == list(range(1, 17))  # steps 9..16 once, not twice
 

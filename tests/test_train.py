@@ -16,8 +16,8 @@ import torch
 
 from ipu_effnet.cli import main
 from ipu_effnet.config import load
+from ipu_effnet.run import train
 from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
-from ipu_effnet.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -138,9 +138,9 @@ def matrix_recipes(base: str, norms: Sequence[str], kinds: Sequence[str]) -> Lis
 def recipes_available() -> bool:
     """True when the recipe orchestrator (native, halfres, progressive) is installed."""
     try:
-        import ipu_effnet.training.recipes  # noqa: F401
+        import ipu_effnet.run.recipes  # noqa: F401
     except ModuleNotFoundError as exc:
-        if exc.name != "ipu_effnet.training.recipes":
+        if exc.name != "ipu_effnet.run.recipes":
             raise
         return False
     return True
@@ -150,11 +150,7 @@ def train_recipe(cfg: Any, run_dir: os.PathLike, resume: bool = False, source: O
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run one recipe to completion: `training.recipes.run_recipe` where it exists, else the native
     training loop (which refuses halfres and progressive recipes with a UsageError)."""
-    if recipes_available():
-        from ipu_effnet.training.recipes import run_recipe
-
-        return run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
-    from ipu_effnet.training.loop import train
+    from ipu_effnet.run import train
 
     return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
 

@@ -94,13 +94,13 @@ def read_summary(run_dir: os.PathLike) -> Dict[str, Any]:
 def run_resolutions(cfg: Any, summary: Optional[Dict[str, Any]] = None) -> Tuple[int, int]:
     """(training resolution, native test resolution) of a run, from its summary.json where there is one
     (`resolution`, `eval_resolution`), else its config. A half-res recipe trains at its half resolution
-    (`training.recipes.halfres_resolution`) and tests at finetune.resolution (default: native)."""
+    (`resolutions.halfres_resolution`) and tests at finetune.resolution (default: native)."""
     from ipu_effnet.models import native_resolution
-    from ipu_effnet.training.loop import train_resolution
+    from ipu_effnet.resolutions import train_resolution
 
     summary = summary or {}
     if cfg.recipe == "halfres":
-        from ipu_effnet.training.recipes import halfres_resolution
+        from ipu_effnet.resolutions import halfres_resolution
 
         train_res = int(summary.get("resolution") or halfres_resolution(cfg))
         test_res = int(summary.get("finetune_resolution") or summary.get("eval_resolution")
@@ -133,7 +133,7 @@ def sweep_checkpoint(checkpoint: os.PathLike, resolutions: Optional[Sequence[int
     from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
     from ipu_effnet.data import create_dataset, create_loader
     from ipu_effnet.training.checkpoint import load_checkpoint, rebuild_model
-    from ipu_effnet.training.loop import evaluate
+    from ipu_effnet.training.evaluation import evaluate
 
     given = Path(checkpoint)
     path = resolve_checkpoint(given)

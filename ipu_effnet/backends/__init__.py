@@ -16,14 +16,26 @@ read the same host batches (micro-batch x gradient accumulation) and form one pi
 replicas; `runner.sync_weights_to_host()` gives every rank the whole trained model.
 
     runner = prepare(resolve_backend(cfg.backend, log), training_model, optimizer, cfg, log=log)
+
+The training loop goes through three calls that hide which backend it is (backends/runner.py has the
+runner's interface, backends/processes.py the processes):
+
+    info = join(backend, cfg, log)                                  # processes and data shards
+    layout = batch_layout(backend, cfg, model, info, num_samples)   # host, evaluation and global batch
+    runner = open_runner(backend, training_model, optimizer, cfg, info, device, num_samples, log)
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ipu_effnet.backends.processes import DistInfo, join
 from ipu_effnet.errors import UsageError
+
+__all__ = ["BatchLayout", "DistInfo", "batch_layout", "join", "open_runner", "poptorch_available", "prepare",
+           "resolve_backend"]
 
 POPTORCH_MISSING = ("backend 'ipu' needs poptorch, which ships only with the Poplar SDK: source the SDK's "
                     "enable script, pip install its poptorch wheel, then `pip install -r requirements-ipu.txt` "
@@ -81,3 +93,46 @@ def prepare(backend_name: str, training_model: Any, optimizer: Any, cfg: Any,
         return prepare_pipeline(training_model, optimizer, cfg, device=device, log=log)
     resolve_backend(backend_name)  # the error for an unknown name
     raise UsageError(f"backend = {backend_name!r}: resolve it with resolve_backend first")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Images per training call on this process (host_batch), per evaluation call, and per optimiser step
+    over every process (global_batch)."""
+
+    host_batch: int
+    eval_batch: int
+    global_batch: int
+
+
+def batch_layout(backend_name: str, cfg: Any, model: Any, info: DistInfo,
+                 num_samples: Optional[int] = None) -> BatchLayout:
+    """The phase's batch layout, computed once and checked before any compilation. torch and pipeline:
+    micro-batch x accumulation per host batch; ipu: x device iterations x local replicas as well
+    (backends/ipu.py, `validate_ipu_config`). `num_samples`: training images per data shard."""
+    if backend_name == "ipu":
+        from ipu_effnet.backends.ipu import validate_ipu_config
+
+        ipu = validate_ipu_config(cfg, model, instances=info.world_size, num_samples=num_samples)
+        return BatchLayout(ipu.host_batch, ipu.eval_host_batch, ipu.global_batch)
+    host = cfg.train.micro_batch * cfg.train.grad_accum
+    return BatchLayout(host, cfg.train.micro_batch, host * info.world_size)
+
+
+def open_runner(backend_name: str, training_model: Any, optimizer: Any, cfg: Any, info: DistInfo,
+                device: Any = None, num_samples: Optional[int] = None,
+                log: Optional[Callable[[str], None]] = None) -> Any:
+    """The phase's runner, from the host model as it is now (new, or restored from a checkpoint): torch
+    wraps it in DistributedDataParallel with several processes (which broadcasts rank 0's weights); ipu
+    first gives every poprun instance instance 0's weights."""
+    if backend_name == "torch" and info.world_size > 1:
+        import torch.nn as nn
+
+        ddp = nn.parallel.DistributedDataParallel(
+            training_model, device_ids=[device.index] if device is not None and device.type == "cuda" else None)
+        from ipu_effnet.backends.torch_backend import TorchRunner
+
+        return TorchRunner(ddp, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
+    if backend_name == "ipu":
+        info.collectives.broadcast_module(training_model.model)
+    return prepare(backend_name, training_model, optimizer, cfg, log=log, device=device, num_samples=num_samples)

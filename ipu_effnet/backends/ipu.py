@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ipu_effnet.backends.runner import Runner
 from ipu_effnet.errors import UsageError
 from ipu_effnet.pipeline.splits import resolve_module_paths, stage_starts
 
@@ -453,7 +454,7 @@ def to_poptorch_optimizer(optimizer: torch.optim.Optimizer, poptorch: Any, cfg: 
 # The runner
 
 
-class IpuRunner:
+class IpuRunner(Runner):
     """Training steps of a poptorch.trainingModel and validation through a poptorch.inferenceModel over
     the same TrainingModel; the same `step` contract as TorchRunner.
 
@@ -471,6 +472,9 @@ class IpuRunner:
     # A compiled program takes one input signature and keeps its graph (dropout rates, mixing inputs):
     # progressive resizing releases the runner at each stage change and prepares a new one.
     compiled_per_stage = True
+    bn_recalibration_note = ("train.bn_recalibration_batches: not done on the ipu backend; the averaged model "
+                             "keeps its averaged BatchNorm statistics (evaluate/finetune/sweep --averaged warn "
+                             "that they are stale)")  # would need a third program: BN in train mode, no optimiser
 
     def __init__(self, executor: Any, ipu_optimizer: Any, optimizer: torch.optim.Optimizer,
                  training_model: nn.Module, layout: IpuLayout, poptorch: Any,
@@ -593,7 +597,7 @@ class IpuRunner:
                         batches: Optional[int] = None) -> Dict[str, float]:
         """Top-1, top-5 (fractions), mean plain cross entropy and sample count over `loader`'s batches of
         at most eval_batch images (a short last batch is padded, and the padding not counted), like
-        `training.loop.evaluate`. Picks up the host model's current weights (e.g. swapped-in averages).
+        `training.evaluation.evaluate`. Picks up the host model's current weights (e.g. swapped-in averages).
         `reduce` sums the counts over poprun instances (each evaluates its own shard); `batches`: run at
         least this many calls, padding with uncounted batches, so that every instance makes as many
         calls as the one with the longest shard (the replicas of one program run in lockstep)."""
@@ -729,9 +733,14 @@ def prepare_ipu(training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg
     say(f"ipu: {cfg.ipu.ipus_per_replica} IPU(s) per replica, {layout.describe()}; global batch "
         f"{layout.global_batch}; precision {cfg.train.precision}"
         + (f"; poprun instance {instance + 1}/{instances}" if instances > 1 else ""))
-    return IpuRunner(executor, ipu_optimizer, optimizer, training_model, layout, poptorch,
-                     inference_options=infer_opts, instance=instance, instances=instances,
-                     cache_dir=str(cfg.ipu.executable_cache) if cfg.ipu.executable_cache else None)
+    runner = IpuRunner(executor, ipu_optimizer, optimizer, training_model, layout, poptorch,
+                       inference_options=infer_opts, instance=instance, instances=instances,
+                       cache_dir=str(cfg.ipu.executable_cache) if cfg.ipu.executable_cache else None)
+    runner.compile_only = bool(cfg.ipu.compile_only)
+    if cfg.train.precision.startswith("16") and not cfg.ipu.auto_loss_scaling:
+        # the configured static scale; poptorch's automatic scaling keeps its current value on the device
+        runner.static_loss_scale = cfg.ipu.loss_scaling
+    return runner
 
 
 def check_recipes(paths: Sequence[str]) -> List[IpuLayout]:

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ipu_effnet.backends.runner import Reduce, Runner
 from ipu_effnet.errors import UsageError
 from ipu_effnet.pipeline.splits import stage_starts
 from ipu_effnet.training.model import mix_batch, mix_targets
@@ -296,15 +297,18 @@ def check_pipeline_config(cfg: Any, training_model: nn.Module, world_size: int, 
     return stages
 
 
-class PipelineRunner:
-    """Training steps of one pipeline stage (this rank's); the same `step` contract as TorchRunner."""
+class PipelineRunner(Runner):
+    """Training steps of one pipeline stage (this rank's); the same `step` contract as TorchRunner.
+    Validation runs the whole model on every rank, after `sync_weights_to_host` gave each rank every
+    stage's weights (backends/runner.py has the interface)."""
 
     def __init__(self, training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
                  device: Optional[torch.device] = None, log: Optional[Callable[[str], None]] = None) -> None:
-        from ipu_effnet.backends.torch_backend import autocast_dtype
+        from ipu_effnet.training.precision import autocast_dtype
 
         self.pipelining = import_pipelining()
         self.device = device or torch.device("cpu")
+        self.precision = cfg.train.precision
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         if not dist.is_available() or not dist.is_initialized():
             raise UsageError("backend 'pipeline' runs one rank per stage: start it with torchrun --nproc_per_node "
@@ -433,6 +437,13 @@ class PipelineRunner:
             if self.rank != k:
                 for i, state in payload[0].items():
                     self.optimizer.state[params[i]] = _unpack(state, params[i].device)
+
+    def evaluate_loader(self, loader: Any, reduce: Optional[Reduce] = None,
+                        batches: Optional[int] = None) -> Dict[str, float]:
+        """The whole model on this rank's host copy (every rank reads the same batches)."""
+        from ipu_effnet.training.evaluation import evaluate
+
+        return evaluate(self.training_model, loader, self.device, self.precision, reduce=reduce)
 
 
 def _pack(state: Dict[str, Any]) -> Dict[str, Any]:

@@ -9,40 +9,26 @@ synchronises gradients.
 Non-finite steps are never applied. With fp16 the GradScaler skips a step whose gradients overflow and
 lowers its scale (`skipped`, `scale` in the step's result); otherwise a step with a non-finite loss
 (under DDP: non-finite all-reduced gradients, the same on every rank) is not applied either. What the
-run then does is `training/faults.py`'s policy.
+run then does is `run/faults.py`'s policy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
-# Graphcore's precision names (weights.partials) mapped to what autocast offers on each device.
-_AUTOCAST = {
-    ("32.32", "cpu"): None,
-    ("32.32", "cuda"): None,
-    ("bf16", "cpu"): torch.bfloat16,
-    ("bf16", "cuda"): torch.bfloat16,
-    ("16.32", "cpu"): torch.bfloat16,   # CPUs have no fast fp16: bf16 is the reduced precision there
-    ("16.16", "cpu"): torch.bfloat16,
-    ("16.32", "cuda"): torch.float16,
-    ("16.16", "cuda"): torch.float16,
-}
+from ipu_effnet.backends.runner import Reduce, Runner
+from ipu_effnet.training.evaluation import evaluate
+from ipu_effnet.training.precision import autocast_dtype
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    try:
-        return _AUTOCAST[(precision, device.type)]
-    except KeyError:
-        raise ValueError(f"precision {precision!r} is not supported on {device.type}") from None
-
-
-class TorchRunner:
-    """Runs training steps of a TrainingModel (or its DDP wrapper) with an optimiser."""
+class TorchRunner(Runner):
+    """Runs training steps of a TrainingModel (or its DDP wrapper) with an optimiser; evaluates it on the
+    host (backends/runner.py has the interface)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int = 1,
                  precision: str = "32.32", device: Optional[torch.device] = None) -> None:
@@ -50,6 +36,7 @@ class TorchRunner:
         self.optimizer = optimizer
         self.grad_accum = int(grad_accum)
         self.device = device or torch.device("cpu")
+        self.precision = precision
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         # fp16 needs loss scaling; bf16 and fp32 do not
@@ -95,6 +82,14 @@ class TorchRunner:
         n = images.shape[0]
         out.update({"loss": loss_sum / n, "correct": correct, "samples": n, "skipped": bool(skipped)})
         return out
+
+
+    def evaluate_loader(self, loader: Any, reduce: Optional[Reduce] = None,
+                        batches: Optional[int] = None) -> Dict[str, float]:
+        """Validation of the TrainingModel itself (not its DDP wrapper) over this process's loader; `reduce`
+        sums the counts over processes. `batches` is for devices that run in lockstep; unused here."""
+        model = self.model.module if self.ddp else self.model
+        return evaluate(model, loader, self.device, self.precision, reduce=reduce)
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:

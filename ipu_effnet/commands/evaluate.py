@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ipu_effnet.data import create_dataset, create_loader
+    from ipu_effnet.resolutions import train_resolution
     from ipu_effnet.training.checkpoint import rebuild_model
-    from ipu_effnet.training.loop import evaluate, train_resolution
+    from ipu_effnet.training.evaluation import evaluate
 
     path, ckpt, cfg = load_run_checkpoint(args.checkpoint, args.overrides)
     res = args.res or cfg.data.eval_resolution or train_resolution(cfg)

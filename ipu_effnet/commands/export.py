@@ -130,7 +130,7 @@ def verify(path: Path, fmt: str, model, images) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.inference import class_names, load_inference_model
-    from ipu_effnet.training.loop import train_resolution
+    from ipu_effnet.resolutions import train_resolution
 
     if args.format == "onnx":
         _require("onnx", "--format onnx")  # before any work

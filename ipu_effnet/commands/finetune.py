@@ -7,10 +7,10 @@
 The checkpoint rebuilds its own network (with its weights, or its per-epoch weight average with
 --averaged) and carries the resolved config, which gives the data set and the finetune section's
 defaults. Evaluation preprocessing at R, the modules before PATH frozen (norms in eval mode), SGD
-without momentum, cosine decay per step; see `training/recipes.py`. The output directory (default:
+without momentum, cosine decay per step; see `run/recipes.py`. The output directory (default:
 <run dir>/finetune-<R>) holds config.yaml, metrics.jsonl, summary.json and checkpoints/; rerunning the
 command on an interrupted one resumes it; SIGTERM or SIGINT checkpoints at the next step and exits 0
-(`training/faults.py`).
+(`run/faults.py`).
 
 With --init-from instead of --checkpoint the network is the recipe's (--config), with a state dict from
 another code base loaded into it (`models/importer.py`; e.g. geffnet's efficientnet_b0 fine-tuned at
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.commands.evaluate import load_run_checkpoint
-    from ipu_effnet.training.recipes import finetune_phase
+    from ipu_effnet.run.recipes import finetune_phase
 
     if args.res < 32:
         raise UsageError(f"--res {args.res}: the resolution must be at least 32")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / "summary.json").is_file():
         raise UsageError(f"{out} already holds a finished fine-tune (summary.json); choose another --out")
     from ipu_effnet.backends.host_collectives import shutdown_process_group
-    from ipu_effnet.training import faults
+    from ipu_effnet.run import faults
 
     try:
         with faults.StopOnSignals():  # SIGTERM/SIGINT: a checkpoint at the next step, then exit 0

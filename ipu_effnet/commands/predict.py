@@ -45,7 +45,7 @@ def predict(model, images, names, topk: int, batch: int = 32):
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.inference import class_names, find_images, load_images, load_inference_model
-    from ipu_effnet.training.loop import train_resolution
+    from ipu_effnet.resolutions import train_resolution
 
     if args.topk < 1 or args.batch < 1:
         raise UsageError("--topk and --batch must be at least 1")

@@ -6,7 +6,7 @@ Trains the recipes in configs/quickstart/ (a small G16 EfficientNet on scikit-le
 32 px: BatchNorm, GroupNorm and LayerNorm + Proxy Norm, each natively and at half resolution with a
 fine-tune at 32 px), sweeps each over test resolutions, and prints the comparison table; the table and
 the plots go into --out (compare.md, compare.csv, accuracy_vs_resolution.png, pareto.png). Rerunning it
-reuses finished runs. Without the recipe orchestrator (ipu_effnet/training/recipes.py) only the native
+reuses finished runs. Without the recipe orchestrator (ipu_effnet/run/recipes.py) only the native
 recipes run.
 """
 

@@ -7,13 +7,13 @@
 
 The run directory (default: logging.out_dir / the recipe's name) receives config.yaml (resolved),
 metrics.jsonl, summary.json and checkpoints/; the recipe (native | halfres | progressive) runs in phases
-(`training/recipes.py`): halfres puts its phases in train/ and finetune/, and --resume skips completed
+(`run/recipes.py`): halfres puts its phases in train/ and finetune/, and --resume skips completed
 phases and resumes an interrupted one.
 
 Faults: a config or data error exits with status 2 and removes the run directory it created; a SIGTERM
 or SIGINT writes a checkpoint at the next step boundary and exits 0 with the command that resumes it (a
 second signal stops at once); a run stopped by a non-finite loss or a full disk exits 1 naming its last
-good checkpoint (`training/faults.py`).
+good checkpoint (`run/faults.py`).
 
 --init-from FILE starts from a G1 EfficientNet's state dict saved by timm, geffnet, torchvision,
 efficientnet_pytorch or this project (`models/importer.py`: names mapped, shapes checked, norm.eps and
@@ -96,14 +96,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
     from ipu_effnet.backends.host_collectives import shutdown_process_group
-    from ipu_effnet.training import faults
-    from ipu_effnet.training.recipes import run_recipe
+    from ipu_effnet.run import faults, train
 
     existed = run_dir.exists()
     try:
         faults.preflight(run_dir, 0)  # writable at all: before any data is read or model built
         with faults.StopOnSignals():
-            run_recipe(cfg, run_dir, resume=resume, source=source, overrides=overrides)
+            train(cfg, run_dir, resume=resume, source=source, overrides=overrides)
         shutdown_process_group()
     except faults.Preempted as stop:
         shutdown_process_group()  # every process stopped at the same step

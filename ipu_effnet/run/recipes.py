@@ -1,12 +1,12 @@
 """Recipes as phases: native, half resolution + fine-tune, progressive resizing (one orchestrator).
 
-    summary = run_recipe(cfg, run_dir)                  # cfg.recipe: native | halfres | progressive
-    summary = run_recipe(cfg, run_dir, resume=True)     # completed phases are kept, an interrupted one resumes
+    summary = train(cfg, run_dir)                  # cfg.recipe: native | halfres | progressive
+    summary = train(cfg, run_dir, resume=True)     # completed phases are kept, an interrupted one resumes
 
 native
-    `loop.train` in `run_dir` (config.yaml, metrics.jsonl, summary.json, checkpoints/).
+    `loop.train_phase` in `run_dir` (config.yaml, metrics.jsonl, summary.json, checkpoints/).
 halfres (Masters et al. 2021; docs/reference.md section 5)
-    Phase `train`, in `run_dir/train/`: the training recipe at `halfres_resolution(cfg)`.
+    Phase `train`, in `run_dir/train/`: the training recipe at `resolutions.halfres_resolution(cfg)`.
     Phase `finetune`, in `run_dir/finetune/`: from that phase's weight-averaged model (the per-epoch
     exponential average, decay train.weight_avg_decay), `finetune_config(cfg)` for finetune.epochs at
     finetune.resolution (default: native) with evaluation preprocessing for the training images (resize
@@ -27,12 +27,7 @@ TensorBoard events of every phase go into `run_dir/tensorboard/` (training/tb.py
 counted on from the earlier one's. With model.init_from, norm.eps and model.padding are first set to
 those the weights were trained with (models/importer.py).
 
-Half-resolution sizes: the paper's for B0..B5 (160, 176, 192, 204, 252, 328, also for their G16
-variants) and model.resolution when set; otherwise `halfres_rule`: native / sqrt(2) (half the pixels)
-rounded to the nearest size with the same remainder modulo 32 as the fine-tune resolution, ties to the
-smaller. The network's total stride is 32, so with equal remainders the last feature maps are cropped
-and padded alike at both resolutions (the paper's advice, train % 32 == fine-tune % 32); the rule
-reproduces the paper's B0, B1, B3 and B5 sizes.
+Every resolution default (training, fine-tune, half-resolution) is decided in `ipu_effnet/resolutions.py`.
 
 Progressive sizes: intermediate stage sizes are rounded to the nearest multiple of 8 (tensor shapes
 that suit vector units and the IPU's tiles, and never more than 4 px from Algorithm 1); the endpoints
@@ -42,7 +37,6 @@ are used exactly as configured, so the last stage trains at the resolution the r
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -50,54 +44,27 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ipu_effnet.config import Config, apply_overrides, write_resolved
 from ipu_effnet.errors import UsageError
-from ipu_effnet.models import native_resolution
+from ipu_effnet.resolutions import finetune_resolution, halfres_resolution, train_resolution
+from ipu_effnet.run.loop import train_phase
+from ipu_effnet.run.phases import PhaseOptions, Stage
 from ipu_effnet.training.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
     load_checkpoint,
     rebuild_model,
 )
-from ipu_effnet.training.loop import PhaseOptions, Stage, train
 from ipu_effnet.training.tb import TB_DIR
 
 __all__ = [
-    "HALFRES_SIZES",
     "PROGRESSIVE_ROUND",
     "algorithm1",
     "finetune_config",
     "finetune_phase",
-    "halfres_resolution",
-    "halfres_rule",
     "progressive_stages",
-    "run_recipe",
+    "train",
 ]
 
-# The paper's half-resolution training sizes (docs/reference.md section 5), by V1 variant.
-HALFRES_SIZES: Dict[str, int] = {"efficientnet_b0": 160, "efficientnet_b1": 176, "efficientnet_b2": 192,
-                                 "efficientnet_b3": 204, "efficientnet_b4": 252, "efficientnet_b5": 328}
 PROGRESSIVE_ROUND = 8
-
-
-def halfres_rule(native: int, finetune: Optional[int] = None) -> int:
-    """native / sqrt(2) rounded to the nearest size with finetune's remainder mod 32 (ties: smaller)."""
-    finetune = native if finetune is None else finetune
-    target = native / math.sqrt(2.0)
-    residue = finetune % 32
-    below = residue + 32 * math.floor((target - residue) / 32)
-    above = below + 32
-    best = below if target - below <= above - target else above
-    return int(best if best >= 32 else best + 32)
-
-
-def halfres_resolution(cfg: Config) -> int:
-    """The half-resolution training size: model.resolution, else the paper's, else `halfres_rule`."""
-    if cfg.model.resolution:
-        return cfg.model.resolution
-    name = cfg.model.name[:-len("_g16")] if cfg.model.name.endswith("_g16") else cfg.model.name
-    if name in HALFRES_SIZES:
-        return HALFRES_SIZES[name]
-    native = native_resolution(cfg.model.name)
-    return halfres_rule(native, cfg.finetune.resolution or native)
 
 
 def algorithm1(start: float, end: float, stages: int) -> List[float]:
@@ -133,7 +100,7 @@ def progressive_stages(stages: int, resolution: Sequence[float], dropout: Option
 
 def progressive_from_config(cfg: Config) -> List[Stage]:
     t = cfg.train
-    native = cfg.model.resolution or native_resolution(cfg.model.name)
+    native = train_resolution(cfg)
     resolution = t.progressive_resolution or [max(32, 16 * round(native / 32)), native]
     magnitude = t.randaugment_magnitude
     randaugment = t.progressive_randaugment or ([magnitude, magnitude] if magnitude else None)
@@ -145,7 +112,7 @@ def finetune_config(cfg: Config, resolution: Optional[int] = None, epochs: Optio
                     lr: Optional[float] = None, first_trainable: Optional[str] = None) -> Config:
     """The config of the fine-tune phase: `cfg` with the train section set as docs/reference.md section 5 says."""
     ft = cfg.finetune
-    res = resolution or ft.resolution or native_resolution(cfg.model.name)
+    res = resolution or finetune_resolution(cfg)
     t = cfg.train
     sets = [
         "recipe=native", f"model.resolution={res}", f"data.eval_resolution={res}",
@@ -171,7 +138,7 @@ def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: b
     tensorboard_dir, step_offset: where its TensorBoard events go (None: run_dir/tensorboard) and what
     its steps count on from (a recipe's training phase)."""
     from ipu_effnet.data import create_dataset, create_loader
-    from ipu_effnet.training.loop import evaluate
+    from ipu_effnet.training.evaluation import evaluate
 
     ft_cfg = finetune_config(cfg, **kwargs)
     resume = latest_checkpoint(run_dir) is not None
@@ -196,7 +163,7 @@ def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: b
             _write_json(before_path, {"val_top1": before, "resolution": res, "averaged": averaged})
     phase = PhaseOptions(name="finetune", model=model, freeze=True, first_trainable=ft_cfg.finetune.first_trainable,
                          eval_preprocessing=True, tensorboard_dir=tensorboard_dir, step_offset=step_offset)
-    summary = train(ft_cfg, run_dir, resume=resume, log=log, phase=phase)
+    summary = train_phase(ft_cfg, run_dir, phase, resume=resume, log=log)
     if before is not None:
         summary["val_top1_before_finetune"] = before
         if is_main_process():
@@ -244,8 +211,8 @@ def _link_final(checkpoint: str, run_dir: Path) -> str:
     return str(dst)
 
 
-def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
-               overrides: Any = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
+def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
+          overrides: Any = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run `cfg.recipe` in phases (see the module docstring); returns the summary in run_dir/summary.json."""
     run_dir = Path(run_dir)
     if cfg.model.init_from and not resume:  # norm.eps and model.padding of the weights (models/importer.py)
@@ -253,15 +220,15 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
 
         cfg = init_numerics(cfg, log if is_main_process() else _silent)
     if cfg.recipe == "native":
-        return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log, phase=PhaseOptions())
+        return train_phase(cfg, run_dir, PhaseOptions(), resume=resume, source=source, overrides=overrides, log=log)
     main_process = is_main_process()
     if not main_process:  # the phases still run on every process; one of them speaks and writes
         log = _silent
     if cfg.recipe == "progressive":
         stages = progressive_from_config(cfg)
         resume = resume and latest_checkpoint(run_dir) is not None
-        summary = train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log,
-                        phase=PhaseOptions(name="progressive", stages=stages))
+        summary = train_phase(cfg, run_dir, PhaseOptions(name="progressive", stages=stages), resume=resume,
+                              source=source, overrides=overrides, log=log)
         summary["stage_resolutions"] = [s.resolution for s in stages]
         if main_process:
             _write_json(run_dir / "summary.json", summary)
@@ -279,9 +246,9 @@ def run_recipe(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: 
     main = _done(train_dir) if resume else None
     if main is None:
         log(f"halfres: phase 1/2, training at {half} px in {train_dir}")
-        main = train(main_cfg, train_dir, resume=resume and latest_checkpoint(train_dir) is not None,
-                     source=source, overrides=overrides, log=log,
-                     phase=PhaseOptions(name="train", tensorboard_dir=run_dir / TB_DIR))
+        main = train_phase(main_cfg, train_dir, PhaseOptions(name="train", tensorboard_dir=run_dir / TB_DIR),
+                           resume=resume and latest_checkpoint(train_dir) is not None, source=source,
+                           overrides=overrides, log=log)
         if main.get("compile_only"):  # ipu.compile_only: phase 1's programs are compiled; nothing to fine-tune
             return main
     ft = _done(ft_dir) if resume else None
