@@ -50,7 +50,7 @@ run.sh's own commands:
   test [pytest args]    also install requirements-test.txt, requirements-extras.txt (tensorboard, onnx,
                         onnxruntime) and requirements-test-nodeps.txt (with --no-deps), then python -m
                         pytest (default: tests/)
-  lint [ruff args]      ruff check ipu_effnet norms tests
+  lint [ruff args]      ruff check ipu_effnet norms tests, then lint-imports (the layers in pyproject.toml)
   env                   print the interpreter, virtualenv and package versions in use
   python [args]         run the environment's python, e.g. ./run.sh python -c 'import torch'
   <anything else>       python -m ipu_effnet <anything else> [args]
@@ -192,7 +192,11 @@ test)
 lint)
     prepare test
     need_module ruff
-    exec "$PY" -m ruff check ipu_effnet norms tests "$@"
+    need_module importlinter
+    "$PY" -m ruff check ipu_effnet norms tests "$@"
+    # the import layers in pyproject.toml ([tool.importlinter]); lint-imports reads the package from the root
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -c 'import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())'
+
     ;;
 env)
     prepare

@@ -51,7 +51,7 @@ class InferenceModel(nn.Module):
 def load_inference_model(checkpoint: str, averaged: bool = False, overrides: Sequence[str] = ()
                          ) -> Tuple[InferenceModel, Dict[str, Any], Any, Path]:
     """(InferenceModel, checkpoint dict, config, checkpoint path) for a run directory or checkpoint file."""
-    from ipu_effnet.commands.evaluate import load_run_checkpoint
+    from ipu_effnet.run.run_dirs import load_run_checkpoint
     from ipu_effnet.training.checkpoint import rebuild_model
 
     path, ckpt, cfg = load_run_checkpoint(checkpoint, overrides)

@@ -17,8 +17,9 @@ import torch.nn as nn
 from ipu_effnet.config import load
 from ipu_effnet.errors import UsageError
 from ipu_effnet.models import create_model
-from ipu_effnet.models.importer import detect_format, init_numerics, load_pretrained, source_names
+from ipu_effnet.models.importer import detect_format, load_pretrained, source_names
 from ipu_effnet.models.padding import Conv2dSame, same_pads
+from ipu_effnet.run.recipes import init_numerics
 from norms import NormSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,13 +14,13 @@ points, so small models step by 8 px (multiples of 8, at least 16).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ipu_effnet.errors import UsageError
+from ipu_effnet.run.run_dirs import read_summary, resolve_checkpoint
 
 SWEEP_FIELDS = ("resolution", "top1", "top5", "loss", "images")
 
@@ -52,43 +52,6 @@ def parse_resolutions(text: str) -> List[int]:
     if not out:
         raise UsageError(f"--res {text!r}: no resolution given (e.g. --res 128,160,192)")
     return sorted(out)
-
-
-def resolve_checkpoint(path: os.PathLike) -> Path:
-    """A checkpoint file as given, or a run directory's final checkpoint: the one its summary.json names
-    (`checkpoint` key, where a recipe writes it), else the newest in checkpoints/, else the newest found
-    anywhere below the directory (a recipe's phases may keep their own checkpoints/)."""
-    from ipu_effnet.training.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise UsageError(f"--checkpoint {path}: no such file or directory")
-    summary = read_summary(path)
-    named = summary.get("checkpoint") if summary else None
-    if named:
-        for candidate in (Path(named), path / named, path / "checkpoints" / Path(named).name):
-            if candidate.is_file():
-                return candidate
-    found = latest_checkpoint(path)
-    if found is not None:
-        return found
-    nested = [p for p in path.rglob("*.pt") if p.is_file() and p.parent.name == "checkpoints"]
-    if nested:
-        return max(nested, key=lambda p: p.stat().st_mtime)
-    raise UsageError(f"--checkpoint {path}: no checkpoint in that directory")
-
-
-def read_summary(run_dir: os.PathLike) -> Dict[str, Any]:
-    """run_dir/summary.json as a dict ({} when absent or unreadable)."""
-    path = Path(run_dir) / "summary.json"
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def run_resolutions(cfg: Any, summary: Optional[Dict[str, Any]] = None) -> Tuple[int, int]:

@@ -24,25 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def load_run_checkpoint(checkpoint: str, overrides=()):
-    """(path, checkpoint, config) for a checkpoint file or a run directory (its final checkpoint), with
-    `--set` overrides applied to the stored config. Shared by evaluate and finetune."""
-    from ipu_effnet.analysis.sweep import resolve_checkpoint
-    from ipu_effnet.config import Config, apply_overrides
-    from ipu_effnet.training.checkpoint import load_checkpoint
-
-    path = resolve_checkpoint(checkpoint)
-    ckpt = load_checkpoint(path)
-    if ckpt.get("config") is None:
-        raise UsageError(f"{path}: the checkpoint holds no config, so its data set is unknown")
-    return path, ckpt, apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ipu_effnet.data import create_dataset, create_loader
     from ipu_effnet.resolutions import train_resolution
+    from ipu_effnet.run.run_dirs import load_run_checkpoint
     from ipu_effnet.training.checkpoint import rebuild_model
     from ipu_effnet.training.evaluation import evaluate
 

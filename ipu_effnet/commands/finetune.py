@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipu_effnet.commands.evaluate import load_run_checkpoint
     from ipu_effnet.run.recipes import finetune_phase
+    from ipu_effnet.run.run_dirs import load_run_checkpoint
 
     if args.res < 32:
         raise UsageError(f"--res {args.res}: the resolution must be at least 32")
@@ -92,7 +92,8 @@ def _from_init(args: argparse.Namespace):
     from ipu_effnet.commands.train import init_overrides
     from ipu_effnet.config import model_kwargs
     from ipu_effnet.models import create_model
-    from ipu_effnet.models.importer import init_numerics, load_pretrained
+    from ipu_effnet.models.importer import load_pretrained
+    from ipu_effnet.run.recipes import init_numerics
     from ipu_effnet.training.checkpoint import make_checkpoint
 
     if args.checkpoint:

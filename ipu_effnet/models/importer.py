@@ -19,7 +19,7 @@ Formats: how a file names its tensors, and the numerics its weights were trained
 
 `auto` tells the families apart by their names; timm and geffnet name the PyTorch-trained and the
 TF-ported weights alike, so auto takes the PyTorch numerics unless the file name contains "tf_" (pass
-tf_efficientnet to be sure). Before the model is built, `init_numerics` sets norm.eps and model.padding
+tf_efficientnet to be sure). Before the model is built, `run.recipes.init_numerics` sets norm.eps and model.padding
 to the format's and says so: weights compute what they were trained to compute only with the eps and
 padding they were trained with.
 
@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from ipu_effnet.errors import UsageError
 
-__all__ = ["FORMATS", "ImportReport", "Numerics", "detect_format", "init_numerics", "load_pretrained",
+__all__ = ["FORMATS", "ImportReport", "Numerics", "detect_format", "load_pretrained",
            "read_state_dict", "source_names"]
 
 FORMATS = ("auto", "ipu_effnet", "timm", "geffnet", "tf_efficientnet", "torchvision", "efficientnet_pytorch")
@@ -160,33 +160,14 @@ def _resolve(path: Any, fmt: str) -> Tuple[str, Dict[str, torch.Tensor], Numeric
 
 
 # ----------------------------------------------------------------------------------------------------
-# The config: eps and padding of the weights
+# The numerics the weights were trained with
 
 
-def init_numerics(cfg: Any, log: Callable[[str], None] = print) -> Any:
-    """`cfg` with norm.eps and model.padding set to those of model.init_from's format (a no-op without
-    model.init_from); says what it set."""
-    from ipu_effnet.config import apply_overrides
-
-    path = cfg.model.init_from
-    if not path:
-        return cfg
-    fmt, _state, numerics, how = _resolve(path, cfg.model.init_format)
-    sets, said = [], []
-    if numerics.eps is not None:
-        said.append(f"norm.eps={numerics.eps:g}")
-        if cfg.norm.eps != numerics.eps:
-            sets.append(f"norm.eps={numerics.eps!r}")
-    if numerics.padding is not None:
-        said.append(f"model.padding={numerics.padding}")
-        if cfg.model.padding != numerics.padding:
-            sets.append(f"model.padding={numerics.padding}")
-    if said:
-        changed = f" (changed from norm.eps={cfg.norm.eps:g}, model.padding={cfg.model.padding})" if sets else ""
-        log(f"init-from {path}: {fmt} format ({how}); the numerics its weights were trained with: "
-            f"{', '.join(said)}{changed}")
-    sets.append(f"model.init_format={fmt}")
-    return apply_overrides(cfg, sets, source=f"--init-from {path}")
+def weights_numerics(path: str, fmt: str = "auto") -> Tuple[str, Numerics, str]:
+    """(format, the eps and padding its weights were trained with, how the format was told) for a weights
+    file; `run.recipes.init_numerics` sets them in a config before the model is built."""
+    fmt, _state, numerics, how = _resolve(path, fmt)
+    return fmt, numerics, how
 
 
 # ----------------------------------------------------------------------------------------------------

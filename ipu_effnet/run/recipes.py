@@ -171,6 +171,32 @@ def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: b
     return summary
 
 
+def init_numerics(cfg: Config, log: Callable[[str], None] = print) -> Config:
+    """`cfg` with norm.eps and model.padding set to those of model.init_from's format (a no-op without
+    model.init_from); says what it set (models/importer.py reads the weights)."""
+    from ipu_effnet.models.importer import weights_numerics
+
+    path = cfg.model.init_from
+    if not path:
+        return cfg
+    fmt, numerics, how = weights_numerics(path, cfg.model.init_format)
+    sets, said = [], []
+    if numerics.eps is not None:
+        said.append(f"norm.eps={numerics.eps:g}")
+        if cfg.norm.eps != numerics.eps:
+            sets.append(f"norm.eps={numerics.eps!r}")
+    if numerics.padding is not None:
+        said.append(f"model.padding={numerics.padding}")
+        if cfg.model.padding != numerics.padding:
+            sets.append(f"model.padding={numerics.padding}")
+    if said:
+        changed = f" (changed from norm.eps={cfg.norm.eps:g}, model.padding={cfg.model.padding})" if sets else ""
+        log(f"init-from {path}: {fmt} format ({how}); the numerics its weights were trained with: "
+            f"{', '.join(said)}{changed}")
+    sets.append(f"model.init_format={fmt}")
+    return apply_overrides(cfg, sets, source=f"--init-from {path}")
+
+
 def _silent(_msg: str) -> None:
     return None
 
@@ -216,8 +242,6 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
     """Run `cfg.recipe` in phases (see the module docstring); returns the summary in run_dir/summary.json."""
     run_dir = Path(run_dir)
     if cfg.model.init_from and not resume:  # norm.eps and model.padding of the weights (models/importer.py)
-        from ipu_effnet.models.importer import init_numerics
-
         cfg = init_numerics(cfg, log if is_main_process() else _silent)
     if cfg.recipe == "native":
         return train_phase(cfg, run_dir, PhaseOptions(), resume=resume, source=source, overrides=overrides, log=log)
