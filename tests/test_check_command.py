@@ -63,3 +63,14 @@ def test_a_group_size_that_does_not_divide_is_refused(capsys):
                    "--set", "model.group_size=16"])
     assert status == 2
     assert "group_size 16 does not divide the 40 channels" in capsys.readouterr().err
+
+
+def test_the_global_batch_counts_replicas_only_on_ipus(capsys):
+    import json
+
+    argv = ["check", "--config", "configs/tiny-cpu.yaml", "--set", "train.micro_batch=8", "--set",
+            "train.grad_accum=2", "--set", "ipu.replicas=4", "--json"]
+    assert main(argv) == 0  # the torch backend: one process's share, whatever ipu.replicas says
+    assert json.loads(capsys.readouterr().out)["global_batch"] == 16
+    assert main(argv[:-1] + ["--set", "backend=ipu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_batch"] == 64

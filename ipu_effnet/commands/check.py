@@ -75,23 +75,27 @@ def resolve(config_path: str, overrides: Sequence[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipu_effnet.config import dump, write_resolved
+    from ipu_effnet.backends import DistInfo, batch_layout
+    from ipu_effnet.config import dump, norm_spec, write_resolved
     from ipu_effnet.models.profile import profile_model
 
     cfg, model, resolution = resolve(args.config, args.overrides)
     profile = profile_model(model, resolution)
+    # the layout of one process: IPUs add replicas (and poprun instances share them); torch and the
+    # pipeline backend take micro-batch x accumulation per process (x torchrun ranks for DDP)
+    ipu = cfg.backend == "ipu"
+    layout = batch_layout("ipu" if ipu else "torch", cfg, model, DistInfo())
     summary = {
         "config": args.config,
         "overrides": list(args.overrides),
         "model": cfg.model.name,
-        "norm": cfg.norm.kind + ("+proxy" if cfg.norm.proxy else ""),
+        "norm": norm_spec(cfg).label,
         "recipe": cfg.recipe,
         "backend": cfg.backend,
         "resolution": resolution,
         "params": profile.params,
         "gmacs": round(profile.gmacs, 6),
-        # backend pipeline: every rank is a stage of one pipeline, so ipu.replicas does not multiply
-        "global_batch": cfg.train.micro_batch * cfg.train.grad_accum * (1 if cfg.backend == "pipeline" else cfg.ipu.replicas),
+        "global_batch": layout.global_batch,
     }
     if args.out:
         summary["written"] = str(write_resolved(cfg, args.out, source=args.config, overrides=args.overrides))
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"# model {summary['model']} ({summary['norm']}), {profile.params:,} params, "
           f"{profile.gmacs:.3f} GMACs at {resolution} px; recipe {cfg.recipe}, backend {cfg.backend}; "
           f"global batch {summary['global_batch']} (micro-batch x accumulation"
-          f"{'' if cfg.backend == 'pipeline' else ' x replicas'})")
+          f"{' x replicas' if ipu else ' per process'})")
     if args.out:
         print(f"# resolved config written to {summary['written']}")
     print(dump(cfg), end="")

@@ -23,7 +23,6 @@ model.padding set to the weights' own); it is `--set model.init_from=FILE model.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ipu_effnet.commands.check import add_config_arguments, resolve
@@ -96,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
     from ipu_effnet.backends.host_collectives import shutdown_process_group
+    from ipu_effnet.console import process_rank
     from ipu_effnet.run import faults, train
 
     existed = run_dir.exists()
@@ -106,7 +106,7 @@ def _run(cfg, run_dir: Path, resume: bool, source: str, overrides) -> int:
         shutdown_process_group()
     except faults.Preempted as stop:
         shutdown_process_group()  # every process stopped at the same step
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 wrote the checkpoint
+        if process_rank() == 0:  # rank 0 (torchrun) or instance 0 (poprun) wrote the checkpoint
             where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint"
             print(f"stopped by {stop.signal_name} at step {stop.step}; {where}; resume with: "
                   f"python -m ipu_effnet train --resume {run_dir}", flush=True)

@@ -203,13 +203,9 @@ def _silent(_msg: str) -> None:
 
 def is_main_process() -> bool:
     """Rank 0 under torchrun and instance 0 under poprun: the process that logs and writes run files."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return False
-    if any(key.startswith("POPDIST_") for key in os.environ):
-        from ipu_effnet.backends.ipu import poprun_instance
+    from ipu_effnet.console import process_rank
 
-        return poprun_instance()[0] == 0
-    return True
+    return process_rank() == 0
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
