@@ -47,12 +47,7 @@ def build_parser(commands: Sequence[Tuple[str, str, str]] = COMMANDS) -> Tuple[a
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, module_name, help_text in commands:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # a command whose module is not there yet
+        module = importlib.import_module(module_name)
         cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd_parser)
         modules[name] = module
