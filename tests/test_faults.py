@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny
 
 from ipu_effnet.cli import main
 from ipu_effnet.config import DataConfig, load
@@ -42,11 +43,7 @@ from ipu_effnet.training.model import TrainingModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CPU = str(ROOT / "configs" / "tiny-cpu.yaml")
-TINY = [
-    "model.name=efficientnet_tiny", "model.resolution=16", "model.num_classes=4", "model.group_size=16",
-    "model.drop_rate=0.0", "model.drop_path_rate=0.0", "norm.kind=group", "data.num_train=32",
-    "data.num_val=8", "train.micro_batch=4", "train.epochs=2", "logging.progress=false", "data.workers=0",
-]
+TINY = tiny("model.resolution=16", "data.num_val=8", "train.epochs=2", "data.workers=0")
 QUIET = {"log": lambda _m: None}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny
 
 from ipu_effnet.cli import main
 from ipu_effnet.config import load, model_kwargs
@@ -23,9 +24,14 @@ from ipu_effnet.training.checkpoint import (
 from ipu_effnet.training.freeze import default_first_trainable, freeze_before, frozen_module_names
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4", "model.drop_path_rate=0.0",
-        "norm.kind=batch", "data.num_train=16", "data.num_val=8", "train.micro_batch=8", "train.epochs=1",
-        "train.mixup_alpha=0.2", "logging.progress=false"]
+TINY = tiny(
+    "norm.kind=batch",
+    "data.num_train=16",
+    "data.num_val=8",
+    "train.micro_batch=8",
+    "train.mixup_alpha=0.2",
+    drop=("model.group_size", "model.drop_rate"),
+)
 
 
 def test_frozen_modules_come_before_the_first_trainable_one():

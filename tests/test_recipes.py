@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import tiny
 
 from ipu_effnet.config import load
 from ipu_effnet.resolutions import halfres_resolution, halfres_rule
@@ -16,9 +17,12 @@ from ipu_effnet.run.recipes import algorithm1, progressive_stages
 from ipu_effnet.training.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.name=efficientnet_tiny", "model.num_classes=4", "model.group_size=16", "model.drop_path_rate=0.0",
-        "norm.kind=group", "data.num_train=16", "data.num_val=8", "train.micro_batch=8", "train.epochs=1",
-        "logging.progress=false"]
+TINY = tiny(
+    "data.num_train=16",
+    "data.num_val=8",
+    "train.micro_batch=8",
+    drop=("model.resolution", "model.drop_rate"),
+)
 QUIET = {"log": lambda _m: None}
 
 

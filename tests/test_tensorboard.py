@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tiny import tiny
 
 from ipu_effnet.config import load  # noqa: E402
 from ipu_effnet.errors import UsageError  # noqa: E402
@@ -15,11 +16,7 @@ from ipu_effnet.run import train  # noqa: E402
 from ipu_effnet.training import tb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4", "model.group_size=16",
-    "model.drop_rate=0.0", "model.drop_path_rate=0.0", "norm.kind=group", "data.num_train=32",
-    "data.num_val=12", "train.micro_batch=4", "train.epochs=2", "logging.progress=false", "logging.log_every=3",
-]
+TINY = tiny("train.epochs=2", "logging.log_every=3")
 
 
 def accumulator(path: Path) -> EventAccumulator:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny
 
 from ipu_effnet.cli import main
 from ipu_effnet.config import load
@@ -28,11 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-TINY = [
-    "model.name=efficientnet_tiny", "model.resolution=32", "model.num_classes=4", "model.group_size=16",
-    "model.drop_rate=0.0", "model.drop_path_rate=0.0", "norm.kind=group", "data.num_train=32",
-    "data.num_val=12", "train.micro_batch=4", "train.epochs=3", "logging.progress=false",
-]
+TINY = tiny("train.epochs=3")
 
 
 def cli(*argv: str, **kwargs) -> subprocess.CompletedProcess:
