@@ -1,4 +1,4 @@
-"""The `bench` command and ipu_effnet/analysis/bench.py: option parsing, --vs, and a tiny real run."""
+"""The `bench` command and the ipu_effnet/analysis/bench package: option parsing, --vs, and a tiny real run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import json
 
 import pytest
 
-from ipu_effnet.analysis.bench import BenchConfig, BenchReport, ConfigResult, Timing, format_report, run_bench
+from ipu_effnet.analysis.bench import (
+    BenchConfig,
+    BenchReport,
+    ConfigResult,
+    Timing,
+    build_workload,
+    format_report,
+    run_bench,
+)
 from ipu_effnet.cli import main
 from ipu_effnet.errors import UsageError
 
@@ -56,14 +64,39 @@ def test_report_json_keeps_significant_figures_of_small_ratios():
 
 
 def test_proxy_impl_option_sets_every_proxy_layer():
-    from ipu_effnet.analysis.bench import _build_model
+    from ipu_effnet.analysis.bench.build import build_model
     from norms.proxy import ProxyNormAct
 
     cfg = BenchConfig(model="efficientnet_tiny", norm="layer+proxy", res=32, batch=1, num_classes=10)
     for impl, want in ((None, "fused"), ("reference", "reference"), ("inplace", "inplace")):
-        model, images, res = _build_model(cfg.with_overrides(f"proxy_impl={impl}"))
+        model, res = build_model(cfg.with_overrides(f"proxy_impl={impl}"))
         impls = {m.impl for m in model.modules() if isinstance(m, ProxyNormAct)}
-        assert impls == {want} and images.shape == (1, 3, 32, 32) and res == 32
+        assert impls == {want} and res == 32
+
+
+def test_train_mode_times_the_training_model_step(monkeypatch):
+    """The train workload is the recipe's step: TrainingModel (uint8 host batch, the loss inside forward)
+    driven by TorchRunner.step with SGD; one step moves the weights."""
+    import torch
+
+    from ipu_effnet.backends.torch_backend import TorchRunner
+    from ipu_effnet.training.model import TrainingModel
+
+    seen = []
+    real_step = TorchRunner.step
+
+    def spy(self, images, labels):
+        weight = self.model.model.classifier.weight
+        before = weight.detach().clone()
+        out = real_step(self, images, labels)
+        seen.append((type(self.model), images.dtype, tuple(images.shape), self.grad_accum, type(self.optimizer),
+                     bool(labels.min() >= 0 and labels.max() < 10), not torch.equal(before, weight)))
+        return out
+
+    monkeypatch.setattr(TorchRunner, "step", spy)
+    cfg = BenchConfig(model="efficientnet_tiny", norm="group", res=32, batch=4, steps=1, warmup=0, num_classes=10)
+    build_workload(cfg).step()
+    assert seen == [(TrainingModel, torch.uint8, (4, 3, 32, 32), 1, torch.optim.SGD, True, True)]
 
 
 def test_report_ratio_is_b_over_a_of_the_medians():
@@ -150,7 +183,7 @@ def test_bench_reports_peak_memory_from_a_fresh_process():
 
 def test_bf16_autocast_and_cuda_or_ipu_missing():
     status, out, _ = _run(["bench", *TINY, "--precision", "bf16", "--repeats", "1", "--no-memory"])
-    assert status == 0 and "cpu bf16" in out
+    assert status == 0 and "cpu bf16" in out and "TrainingModel through TorchRunner.step" in out
     import torch
 
     if not torch.cuda.is_available():

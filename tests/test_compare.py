@@ -11,14 +11,13 @@ import pytest
 from ipu_effnet.analysis.compare import (
     BenchSettings,
     compare,
-    format_summary,
-    format_table,
     matrix_recipes,
     recipes_from_files,
     run_state,
     train_recipe,
 )
 from ipu_effnet.analysis.plots import pareto_front
+from ipu_effnet.analysis.report import format_summary, format_table
 from ipu_effnet.errors import UsageError
 
 TINY = """
@@ -231,6 +230,27 @@ def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):
     measure_training(_training_jobs(1), BenchSettings(train_rounds=1, train_steps=2, train_seconds=600.0))
     assert steps[0] == 2 and steps[1] > 2
 
+
+
+def test_training_speed_times_the_step_bench_builds(monkeypatch):
+    """compare's training column and bench's train mode time one definition of a training step:
+    bench.training_workload, here given the recipe's TrainConfig (its loss, optimiser, accumulation)."""
+    from ipu_effnet.analysis import bench as bench_mod
+    from ipu_effnet.analysis.compare import measure_training
+
+    built, real = [], bench_mod.training_workload
+
+    def spy(cfg, network, res, train=None):
+        built.append((cfg, network, res, train))
+        return real(cfg, network, res, train=train)
+
+    monkeypatch.setattr(bench_mod, "training_workload", spy)
+    jobs = _training_jobs(1)
+    (rate,) = measure_training(jobs, BenchSettings(train_rounds=1, train_steps=1, train_warmup=0, train_seconds=0))
+    ((cfg, network, res, train),) = built
+    assert network is jobs[0]["model"] and res == 16 and train is jobs[0]["cfg"].train
+    assert (cfg.mode, cfg.batch, cfg.num_classes, cfg.res) == ("train", 2 * train.grad_accum, 4, 16)
+    assert rate > 0
 
 def test_inference_memory_comes_from_a_fresh_process_and_grows_with_the_batch():
     """compare's CPU memory figure is bench's: the VmHWM of a fresh process per measurement, so a larger

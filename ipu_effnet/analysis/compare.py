@@ -3,13 +3,13 @@ inference speed and memory on this machine, and write one table and two plots.
 
     recipes = recipes_from_files(["configs/quickstart/g16-gn-native.yaml", ...])
     result = compare(recipes, "runs/cmp", overrides=["data.dataset=digits"])
-    print(format_summary(result))
+    print(format_summary(result))    # format_summary: analysis/report.py
 
-Layout of `out_dir`:
+Layout of `out_dir` (the files other than runs/ are written by analysis/report.py):
 
     runs/<recipe name>/          one run directory per recipe (config.yaml, metrics.jsonl, summary.json,
                                  checkpoints/, sweep.csv, sweep.png)
-    compare.md, compare.csv      the table (columns: COLUMNS)
+    compare.md, compare.csv      the table (columns: report.COLUMNS)
     accuracy_vs_resolution.png   every recipe's sweep on one plot
     pareto.png                   top-1 against training and inference images/s, Pareto front drawn
 
@@ -23,7 +23,6 @@ from one machine in one state; "train img/s (run)" is the average the run itself
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,27 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ipu_effnet.errors import UsageError
-
-# (key, markdown header, format) in table order.
-COLUMNS = [
-    ("recipe", "recipe", "{}"),
-    ("model", "model", "{}"),
-    ("norm", "norm", "{}"),
-    ("kind", "recipe kind", "{}"),
-    ("params", "params (M)", "{:.3f}"),
-    ("train_resolution", "train px", "{}"),
-    ("test_resolution", "test px", "{}"),
-    ("gmacs_train", "GMACs train", "{:.4f}"),
-    ("gmacs_test", "GMACs test", "{:.4f}"),
-    ("train_images_per_sec", "train img/s", "{:.1f}"),
-    ("run_train_images_per_sec", "train img/s (run)", "{:.1f}"),
-    ("infer_images_per_sec", "infer img/s", "{:.1f}"),
-    ("peak_memory_mb", "peak mem (MB)", "{:.1f}"),
-    ("top1", "top-1 @ test px", "{:.2%}"),
-    ("best_resolution", "best px", "{}"),
-    ("best_top1", "top-1 @ best px", "{:.2%}"),
-    ("wall_seconds", "wall (s)", "{:.0f}"),
-]
 
 NORM_ALIASES = {  # --norms short names for the matrix
     "bn": ("batch", False), "gn": ("group", False), "ln": ("layer", False),
@@ -135,21 +113,9 @@ def matrix_recipes(base: str, norms: Sequence[str], kinds: Sequence[str]) -> Lis
     return out
 
 
-def recipes_available() -> bool:
-    """True when the recipe orchestrator (native, halfres, progressive) is installed."""
-    try:
-        import ipu_effnet.run.recipes  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "ipu_effnet.run.recipes":
-            raise
-        return False
-    return True
-
-
 def train_recipe(cfg: Any, run_dir: os.PathLike, resume: bool = False, source: Optional[str] = None,
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run one recipe to completion: `training.recipes.run_recipe` where it exists, else the native
-    training loop (which refuses halfres and progressive recipes with a UsageError)."""
+    """Run one recipe to completion (`run.train`: native, halfres or progressive)."""
     from ipu_effnet.run import train
 
     return train(cfg, run_dir, resume=resume, source=source, overrides=overrides, log=log)
@@ -189,10 +155,10 @@ def inference_memory_probe(payload: Dict[str, Any]) -> Dict[str, Any]:
     `bench.step_memory` over no-grad forward passes, the inference compare times."""
     import torch
 
-    from ipu_effnet.analysis.bench import _set_threads, step_memory
+    from ipu_effnet.analysis.bench import set_threads, step_memory
     from ipu_effnet.models import create_model_from_args
 
-    _set_threads(payload.get("threads"))
+    set_threads(payload.get("threads"))
     torch.manual_seed(0)
     model = create_model_from_args(payload["model_args"]).eval()
     res = int(payload["resolution"])
@@ -267,9 +233,10 @@ def measure_inference(model: Any, resolution: int, settings: Optional[BenchSetti
 
 def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
                      progress: bool = False) -> List[float]:
-    """Training images/s of each job ({"model", "cfg", "resolution"}): the recipe's own step (TrainingModel
-    with its loss and mixing, its optimiser, TorchRunner) on random uint8 images at the job's resolution and
-    micro-batch x accumulation. The models are trained in place: pass copies.
+    """Training images/s of each job ({"model", "cfg", "resolution"}): the recipe's own step, built by
+    `bench.training_workload` (the one definition of a training step bench also times: TrainingModel with
+    the recipe's loss and mixing, its optimiser, TorchRunner.step) on a synthetic uint8 host batch at the
+    job's resolution and micro-batch x accumulation. The models are trained in place: pass copies.
 
     Built so that the ratios between jobs hold from one call to the next on a machine other work shares:
 
@@ -283,45 +250,35 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
       between rounds moves every job of the round alike and cancels in the ratios. The first job's
       figure is its median; the absolute figures still depend on the load (the "(run)" column, the
       in-run average, depends on when each run happened to train)."""
+    import dataclasses
     import time
 
     import torch
 
     from ipu_effnet.analysis import bench
-    from ipu_effnet.backends.torch_backend import TorchRunner
     from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
-    from ipu_effnet.training.model import TrainingModel
-    from ipu_effnet.training.optim import optimizer_from_config
 
     settings = settings or BenchSettings()
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     workloads = []
     for job in jobs:
         cfg, res = job["cfg"], int(job["resolution"])
-        model = job["model"].to(device)
-        runner = TorchRunner(TrainingModel.from_config(model, cfg.train).to(device),
-                             optimizer_from_config(model, cfg.train), cfg.train.grad_accum, cfg.train.precision, device)
         batch = cfg.train.micro_batch * cfg.train.grad_accum
-        images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8)
-        labels = torch.randint(0, cfg.model.num_classes, (batch,))
-
-        def step(r=runner, x=images, y=labels) -> None:
-            r.step(x, y)
-
-        steps = settings.train_steps
+        bench_cfg = bench.BenchConfig(model=cfg.model.name, res=res, batch=batch, steps=settings.train_steps,
+                                      warmup=settings.train_warmup, threads=settings.threads, mode="train",
+                                      num_classes=cfg.model.num_classes, device=device)
+        workload = bench.training_workload(bench_cfg, job["model"], res, train=cfg.train)
         if settings.train_seconds > 0:
-            bench._set_threads(settings.threads)
-            step()  # the first step of a shape also builds oneDNN's primitives: not timed
-            sync()
+            bench.set_threads(settings.threads)
+            workload.step()  # the first step of a shape also builds oneDNN's primitives: not timed
+            workload.sync()
             start = time.perf_counter()
-            step()
-            sync()
+            workload.step()
+            workload.sync()
             took = max(time.perf_counter() - start, 1e-6)
-            steps = max(steps, int(-(-settings.train_seconds // took)))
-        bench_cfg = bench.BenchConfig(model=cfg.model.name, res=res, batch=batch, steps=steps,
-                                      warmup=settings.train_warmup, threads=settings.threads, mode="train")
-        workloads.append(bench.Workload(bench_cfg, res, step, {}, sync=sync))
+            steps = max(settings.train_steps, int(-(-settings.train_seconds // took)))
+            workload.config = dataclasses.replace(bench_cfg, steps=steps)
+        workloads.append(workload)
     rates: List[List[float]] = [[] for _ in workloads]
     bar = tqdm(total=settings.train_rounds * len(workloads), desc="training step", unit="run",
                disable=not progress, leave=False, dynamic_ncols=True)
@@ -388,6 +345,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
     `overrides` apply to every recipe (after its own). Configs are all loaded and checked before any
     training starts, so a typo in the last recipe fails in a second, not after an hour. A finished run's
     sweep is reused while it is newer than the run's summary and covers the resolutions asked for."""
+    from ipu_effnet.analysis.report import write_outputs
     from ipu_effnet.analysis.sweep import (
         best_row,
         default_resolutions,
@@ -409,13 +367,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         raise UsageError(f"recipe names must be unique, got {names}")
     out_dir = Path(out_dir)
     extra = list(overrides) + ([] if progress else ["logging.progress=false"])
-    configs = []
-    for r in recipes:
-        cfg = load(r.path, list(r.overrides) + extra)
-        if cfg.recipe != "native" and train_fn is train_recipe and not recipes_available():
-            raise UsageError(f"recipe {r.name}: recipe = {cfg.recipe!r} needs the recipe orchestrator "
-                             "(ipu_effnet/training/recipes.py), which this installation lacks; only native recipes run")
-        configs.append(cfg)
+    configs = [load(r.path, list(r.overrides) + extra) for r in recipes]
 
     rows: List[Dict[str, Any]] = []
     jobs: List[Dict[str, Any]] = []  # the training-step measurement, after every recipe has run
@@ -488,107 +440,6 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         row["train_images_per_sec"] = rate
     files = write_outputs(out_dir, rows, sweeps) if write else {}
     return CompareResult(out_dir, rows, sweeps, trained, skipped, files)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Outputs
-
-
-def _fmt(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    try:
-        return fmt.format(value)
-    except (ValueError, TypeError):
-        return str(value)
-
-
-def format_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (also readable as plain text)."""
-    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if k in ("recipe", "model", "norm", "kind") else "---:" for k, _, _ in COLUMNS) + "|"
-    lines = [header, rule]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def format_summary(result: CompareResult) -> str:
-    """A few lines for the end of a comparison: the most accurate and the fastest recipe, then the table."""
-    rows = result.rows
-    lines = []
-    if rows:
-        best = max(rows, key=lambda r: (r["top1"] or 0.0))
-        lines.append(f"most accurate: {best['recipe']} ({best['top1']:.2%} top-1 at {best['test_resolution']} px; "
-                     f"{best['best_top1']:.2%} at its best test resolution {best['best_resolution']} px)")
-        timed = [r for r in rows if r.get("train_images_per_sec")]
-        if timed:
-            fast = max(timed, key=lambda r: r["train_images_per_sec"])
-            lines.append(f"fastest training: {fast['recipe']} ({fast['train_images_per_sec']:.1f} img/s, "
-                         f"{fast['top1']:.2%} top-1)")
-        fast_inf = max(rows, key=lambda r: r["infer_images_per_sec"])
-        lines.append(f"fastest inference: {fast_inf['recipe']} ({fast_inf['infer_images_per_sec']:.1f} img/s at "
-                     f"{fast_inf['test_resolution']} px)")
-    if result.skipped:
-        lines.append(f"reused {len(result.skipped)} complete run(s): {', '.join(result.skipped)}")
-    lines.append("")
-    lines.append(format_table(rows))
-    lines.append("")
-    lines.append("files: " + ", ".join(str(p) for p in result.files.values()))
-    return "\n".join(lines)
-
-
-def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
-    """The sentence under the table that says what "peak mem (MB)" measured."""
-    from ipu_effnet.analysis.bench import MEMORY_STEPS
-
-    kinds = {r.get("memory_kind") for r in rows}
-    parts = []
-    if "vmhwm" in kinds:
-        built = [r["built_memory_mb"] for r in rows if r.get("memory_kind") == "vmhwm" and r.get("built_memory_mb")]
-        low, high = (f"{min(built):.0f}", f"{max(built):.0f}") if built else ("", "")
-        span = "most" if not built else f"{low} MB" if low == high else f"{low}-{high} MB"
-        parts.append("peak mem (CPU): the peak resident memory (VmHWM) of a fresh Python process that builds the "
-                     f"recipe's network from its checkpoint's model_args and runs {MEMORY_STEPS} inference steps, "
-                     "as `bench` "
-                     f"measures it; the interpreter and torch are included ({span} of it before the first step, "
-                     "built_memory_mb in compare.csv), so the differences between rows are what the networks and "
-                     "their activations need.")
-    if "cuda" in kinds:
-        parts.append("peak mem (GPU): CUDA max allocated during the timed inference, above what was allocated before.")
-    if None in kinds:
-        parts.append("peak mem \"-\": not measured.")
-    return " ".join(parts)
-
-
-def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]],
-                  sweeps: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Path]:
-    from ipu_effnet.analysis.plots import plot_accuracy_vs_resolution, plot_pareto
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "compare.md"
-    md.write_text(
-        "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
-        f"Inference images/s and peak memory, measured on this machine at the test resolution, batch "
-        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe; "
-        f"{memory_note(rows)} Training images/s: "
-        "the recipe's training step at its training resolution and micro-batch, measured here with the recipes "
-        "taking turns (median of the rounds); \"(run)\" and wall time come from each run's summary.json. "
-        "How to read this: docs/recipes.md.\n",
-        encoding="utf-8")
-    csv_path = out_dir / "compare.csv"
-    keys = [k for k, _, _ in COLUMNS] + ["memory_kind", "built_memory_mb", "memory_method", "bench_batch"]
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    acc = plot_accuracy_vs_resolution([(r["recipe"], sweeps[r["recipe"]], r["train_resolution"]) for r in rows],
-                                      out_dir / "accuracy_vs_resolution.png")
-    par = plot_pareto([r["recipe"] for r in rows], [r["top1"] or 0.0 for r in rows],
-                      [r.get("train_images_per_sec") for r in rows], [r.get("infer_images_per_sec") for r in rows],
-                      out_dir / "pareto.png")
-    return {"compare.md": md, "compare.csv": csv_path, "accuracy_vs_resolution.png": acc, "pareto.png": par}
 
 
 def elapsed(start: float) -> str:

@@ -11,7 +11,7 @@ With `--vs "KEY=VALUE ..."` the second configuration (B) is the first (A) with t
 `--peer geffnet` is `--vs "impl=geffnet"` (geffnet's model of the same name). A and B run alternately
 in one process and the command prints the median images/s of each, their spread and the ratio B/A.
 Compare configurations as ratios from one run: absolute figures drift with the machine. The output
-format is described in docs/PERFORMANCE.md; the measuring lives in `ipu_effnet.analysis.bench`.
+format is described in docs/PERFORMANCE.md; the measuring lives in the package `ipu_effnet.analysis.bench`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     parser.add_argument("--mode", choices=("train", "infer", "data"), default="train",
-                        help="train: forward + cross-entropy + backward + SGD step; infer: forward in eval mode; "
-                             "data: batches from the training data loader")
+                        help="train: the training step (TrainingModel through TorchRunner.step, SGD); "
+                             "infer: forward in eval mode; data: batches from the training data loader")
     parser.add_argument("--device", choices=("cpu", "cuda", "ipu"), default="cpu",
                         help="where the model runs (ipu: through poptorch, needs the Poplar SDK; default: cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",

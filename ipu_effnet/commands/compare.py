@@ -64,7 +64,8 @@ def select_recipes(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ipu_effnet.analysis.compare import compare, elapsed, format_summary
+    from ipu_effnet.analysis.compare import compare, elapsed
+    from ipu_effnet.analysis.report import format_summary
     from ipu_effnet.analysis.sweep import parse_resolutions
 
     recipes = select_recipes(args)

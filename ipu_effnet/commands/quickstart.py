@@ -6,8 +6,7 @@ Trains the recipes in configs/quickstart/ (a small G16 EfficientNet on scikit-le
 32 px: BatchNorm, GroupNorm and LayerNorm + Proxy Norm, each natively and at half resolution with a
 fine-tune at 32 px), sweeps each over test resolutions, and prints the comparison table; the table and
 the plots go into --out (compare.md, compare.csv, accuracy_vs_resolution.png, pareto.png). Rerunning it
-reuses finished runs. Without the recipe orchestrator (ipu_effnet/run/recipes.py) only the native
-recipes run.
+reuses finished runs.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quickstart_recipes(native_only: bool = False) -> List[str]:
-    """The recipe files, native ones first; half-res ones only where the orchestrator can run them."""
-    from ipu_effnet.analysis.compare import recipes_available
+    """The recipe files, native ones first, then (unless `native_only`) the half-resolution ones."""
     from ipu_effnet.config import load
 
     if not QUICKSTART_DIR.is_dir():
@@ -39,7 +37,7 @@ def quickstart_recipes(native_only: bool = False) -> List[str]:
     paths = sorted(QUICKSTART_DIR.glob("*.yaml"))
     native = [str(p) for p in paths if load(p).recipe == "native"]
     other = [str(p) for p in paths if str(p) not in native]
-    if native_only or not recipes_available():
+    if native_only:
         return native
     return native + other
 
@@ -47,17 +45,10 @@ def quickstart_recipes(native_only: bool = False) -> List[str]:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ipu_effnet.analysis.compare import (
-        compare,
-        elapsed,
-        format_summary,
-        recipes_available,
-        recipes_from_files,
-    )
+    from ipu_effnet.analysis.compare import compare, elapsed, recipes_from_files
+    from ipu_effnet.analysis.report import format_summary
 
     files = quickstart_recipes(args.native_only)
-    if not args.native_only and not recipes_available():
-        print("note: the recipe orchestrator is not installed, so only the native recipes run")
     start = time.perf_counter()
     result = compare(recipes_from_files(files), args.out, overrides=args.overrides, progress=not args.no_progress)
     print(format_summary(result))

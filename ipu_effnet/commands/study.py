@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from ipu_effnet.analysis.compare import elapsed
-    from ipu_effnet.analysis.study import format_result, load_preset, plan_study, study
+    from ipu_effnet.analysis.study import load_preset, plan_study, study
+    from ipu_effnet.analysis.study_report import format_result
     from ipu_effnet.analysis.sweep import parse_resolutions
     from ipu_effnet.commands.compare import bench_settings
 
