@@ -275,4 +275,3 @@ def _known_models() -> List[str]:
 def show(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-

@@ -168,4 +168,3 @@ class DigitsDataset(Seedable, Dataset):
     def __repr__(self) -> str:
         return (f"DigitsDataset(split={self.split!r}, {len(self)} images, resolution={self.resolution}, "
                 f"train={self.train})")
-

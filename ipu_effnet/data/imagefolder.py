@@ -344,4 +344,3 @@ class ImageFolderDataset(Seedable, Dataset):
     def __repr__(self) -> str:
         return (f"ImageFolderDataset({str(self.split_dir)!r}, {len(self)} images, {self.num_classes} classes, "
                 f"transform={self.transform!r})")
-
