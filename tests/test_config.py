@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # configs/study/*.yaml are `study` presets (a base recipe plus the matrix), checked in tests/test_study.py
 STUDY_PRESETS = sorted((CONFIGS / "study").glob("*.yaml"))
 RECIPES = sorted(p for p in CONFIGS.glob("**/*.yaml") if p not in STUDY_PRESETS)
-PUBLISHED = [
-    f"efficientnet_b{i}{suffix}" for suffix in ("", "_g16") for i in range(8)
-] + ["efficientnetv2_s", "efficientnetv2_m", "efficientnetv2_l"]
 
 
 def write(path: Path, text: str) -> str:
@@ -34,14 +29,6 @@ def error(path, overrides=()) -> str:
     message = str(info.value)
     assert "\n" not in message, message
     return message
-
-
-@pytest.fixture
-def fake_models(monkeypatch):
-    """A stand-in for ipu_effnet.models, so the model-name check does not depend on its progress."""
-    module = types.ModuleType("ipu_effnet.models")
-    module.list_models = lambda include_extra=False: list(PUBLISHED)
-    monkeypatch.setitem(sys.modules, "ipu_effnet.models", module)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,16 +348,11 @@ def test_model_kwargs_are_explicit_and_optional_ones_appear_only_when_set():
     assert kwargs["norm"].kind == "group"
 
 
-def test_unknown_model_name_suggests_the_closest(fake_models):
+def test_unknown_model_name_suggests_the_closest():
     message = error(None, ["model.name=efficientnet_b0_g61"])
     assert message.startswith("--set: model.name = 'efficientnet_b0_g61' is not a known model")
     assert "did you mean 'efficientnet_b0_g16'?" in message
     assert load(None, ["model.name=efficientnetv2_s"]).model.name == "efficientnetv2_s"
-
-
-def test_model_name_check_is_skipped_when_the_models_module_is_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ipu_effnet.models", None)  # import fails with ImportError
-    assert load(None, ["model.name=not_a_model"]).model.name == "not_a_model"
 
 
 # ---------------------------------------------------------------------------------------------------

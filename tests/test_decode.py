@@ -162,7 +162,7 @@ def test_dataset_reads_jpegs_through_the_fast_path_and_everything_else_through_p
         opened.append((path.rsplit("/", 1)[-1], jpeg is not None))
         return jpeg
 
-    monkeypatch.setattr("ipu_effnet.data.datasets.open_jpeg", spy)
+    monkeypatch.setattr("ipu_effnet.data.imagefolder.open_jpeg", spy)
     fast = ImageFolderDataset(tmp_path / "imagenet", "train", EvalTransform(48, decoder="simplejpeg"))
     slow = ImageFolderDataset(tmp_path / "imagenet", "train", EvalTransform(48, decoder="pillow"))
     for i in range(len(fast)):

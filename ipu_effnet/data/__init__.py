@@ -15,9 +15,10 @@ smaller than the image.
         loader.set_epoch(epoch)             # order and augmentation are a function of (seed, epoch)
         for images, labels in loader: ...   # uint8 (N, 3, 160, 160), int64 (N,)
 
-Modules: `datasets` (the three datasets, `create_dataset`, the digits split), `transforms`
-(crop boxes, JPEG draft decoding, the train and eval transforms), `loader` (sharded sampler, worker
-seeding, `collate`, `create_loader`).
+Modules: `datasets` (`create_dataset`, and the names of the three dataset modules: `imagefolder` for
+imagenet, `builtin` for the generated images and the digits with their split, `base` for what they
+share), `transforms` (crop boxes, JPEG draft decoding, the train and eval transforms), `loader`
+(sharded sampler, worker seeding, `collate`, `create_loader`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ statistics of the averaged network itself:
 
 A network without BatchNorm (GroupNorm, LayerNorm, Proxy Norm: batch-independent) is left alone and
 runs no forward pass. The training loop calls this through `averaging.recalibrate_average` with the
-phase's training loader (see `TrainConfig.bn_recalibration_batches` in config.py for why training
+phase's training loader (see `TrainConfig.bn_recalibration_batches` in config/schema.py for why training
 images and the training transform).
 
     n_images = recalibrate_batchnorm(net, loader, num_batches=100, forward=training_model)
