@@ -25,6 +25,7 @@ def _set_all(net: nn.Module, value: float, step: int) -> None:
                 t.fill_(step)
 
 
+@pytest.mark.slow
 def test_epoch_average_after_three_epochs_equals_the_closed_form():
     net = _net()
     d = 0.97

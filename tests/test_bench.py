@@ -74,6 +74,7 @@ def test_proxy_impl_option_sets_every_proxy_layer():
         assert impls == {want} and res == 32
 
 
+@pytest.mark.slow
 def test_train_mode_times_the_training_model_step(monkeypatch):
     """The train workload is the recipe's step: TrainingModel (uint8 host batch, the loss inside forward)
     driven by TorchRunner.step with SGD; one step moves the weights."""
@@ -114,6 +115,7 @@ def test_report_ratio_is_b_over_a_of_the_medians():
     assert json.loads(json.dumps(report.to_dict()))["ratio"] == pytest.approx(0.9)
 
 
+@pytest.mark.slow
 def test_bench_command_alternates_a_and_b_and_prints_json():
     status, out, _ = _run(["bench", *TINY, "--norm", "layer", "--repeats", "2", "--vs", "norm=layer+proxy", "--json",
                            "--no-memory"])
@@ -137,6 +139,7 @@ def test_bench_infer_mode_and_usage_errors():
     assert status == 2 and "unknown model" in err
 
 
+@pytest.mark.slow
 def test_run_bench_interleaves_rounds():
     seen = []
     a = BenchConfig(model="efficientnet_tiny", norm="group", res=32, batch=1, steps=1, warmup=0)
@@ -169,6 +172,7 @@ def test_new_options_validate_with_one_line_errors():
     assert "precision=bf16" in a.with_overrides("precision=bf16").label()
 
 
+@pytest.mark.slow
 def test_bench_reports_peak_memory_from_a_fresh_process():
     a = BenchConfig(model="efficientnet_tiny", norm="batch", res=32, batch=2, steps=1, warmup=0, num_classes=10)
     report = run_bench([a, a.with_overrides("batch=8")], repeats=1)
@@ -181,6 +185,7 @@ def test_bench_reports_peak_memory_from_a_fresh_process():
     assert run_bench([a], repeats=1, memory=False).results[0].memory is None
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_cuda_or_ipu_missing():
     status, out, _ = _run(["bench", *TINY, "--precision", "bf16", "--repeats", "1", "--no-memory"])
     assert status == 0 and "cpu bf16" in out and "TrainingModel through TorchRunner.step" in out
@@ -240,6 +245,7 @@ def test_draft_option_of_the_train_transform_decodes_at_full_size(tmp_path):
         assert tuple(out.shape) == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_peer_geffnet_alternates_with_ours():
     pytest.importorskip("geffnet")
     status, out, _ = _run(["bench", "--model", "efficientnet_b0", "--res", "32", "--batch", "2", "--steps", "1",
@@ -260,6 +266,7 @@ def test_peer_geffnet_missing_is_a_usage_error(monkeypatch):
     assert status == 2 and "pip install --no-deps geffnet==1.0.2" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_ipu_device_runs_through_poptorch(mode):
     """--device ipu builds poptorch.trainingModel / inferenceModel (here the SDK-free double of

@@ -26,6 +26,7 @@ def test_every_recipe_checks(recipe, capsys):
     assert '"params"' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_misspelt_key_in_yaml_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {ROOT / 'configs' / 'tiny-cpu.yaml'}\ntrain:\n  epohcs: 3\n")
@@ -37,6 +38,7 @@ def test_misspelt_key_in_yaml_exits_2_with_one_line(tmp_path):
     assert out.stdout == ""
 
 
+@pytest.mark.slow
 def test_overrides_are_recorded_in_the_resolved_config(tmp_path):
     out = run_cli("check", "--config", "configs/tiny-cpu.yaml", "--set", "train.epochs=3",
                   "--set", "norm.kind=layer", "--out", str(tmp_path / "run"))

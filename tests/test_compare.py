@@ -50,6 +50,7 @@ def recipes(tmp_path, norms=("group", "layer")):
     return recipes_from_files(paths)
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path):
     out = tmp_path / "cmp"
     calls = []
@@ -108,6 +109,7 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
     assert os.stat(out / "runs" / "tiny-layer" / "sweep.csv").st_mtime_ns == sweep_mtime
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_resumed(tmp_path):
     out = tmp_path / "cmp"
     rs = recipes(tmp_path, norms=("group",))
@@ -153,6 +155,7 @@ def test_table_formats_missing_values():
     assert "| a |" in table and "50.00%" in table and " - " in table
 
 
+@pytest.mark.slow
 def test_training_speed_is_measured_with_the_recipes_taking_turns(monkeypatch):
     """measure_training runs the recipe's real step (the weights move) in rounds that alternate over the
     recipes, and gives each the median of its rounds."""
@@ -212,6 +215,7 @@ def test_training_speed_ratios_come_from_rounds_measured_back_to_back(monkeypatc
     assert got == [20.0, 200.0]
 
 
+@pytest.mark.slow
 def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):
     """The number of timed steps is sized from a calibration step to fill train_seconds (never fewer
     than train_steps); with train_seconds 0 it is exactly train_steps."""
@@ -252,6 +256,7 @@ def test_training_speed_times_the_step_bench_builds(monkeypatch):
     assert (cfg.mode, cfg.batch, cfg.num_classes, cfg.res) == ("train", 2 * train.grad_accum, 4, 16)
     assert rate > 0
 
+@pytest.mark.slow
 def test_inference_memory_comes_from_a_fresh_process_and_grows_with_the_batch():
     """compare's CPU memory figure is bench's: the VmHWM of a fresh process per measurement, so a larger
     inference batch reports a larger peak (in this process the high-water mark would hide it)."""

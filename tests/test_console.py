@@ -71,6 +71,7 @@ def test_ranks_other_than_the_main_one_print_only_to_stderr():
     assert process_rank() == int(os.environ.get("RANK", os.environ.get("POPDIST_INSTANCE_INDEX", "0")))
 
 
+@pytest.mark.slow
 def test_captured_quickstart_reads_well_and_tensorboard_lists_each_recipe(tmp_path):
     """`quickstart > log 2>&1`, shortened (--set): few lines, no carriage returns; one TensorBoard run per
     recipe."""

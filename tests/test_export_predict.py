@@ -69,10 +69,12 @@ def validation_images(run_dir: Path, res=32):
     return load_images([run_dir.parent / "data" / "validation"], res)
 
 
+@pytest.mark.slow
 def test_checkpoints_store_the_class_folder_names(run_dir):
     assert load_checkpoint(latest_checkpoint(run_dir))["extra"]["classes"] == CLASSES
 
 
+@pytest.mark.slow
 def test_predict_names_classes_and_matches_the_network(run_dir):
     out = cli("predict", "--checkpoint", str(run_dir), str(run_dir.parent / "data" / "validation"), "--topk", "2",
               "--json")
@@ -93,6 +95,7 @@ def test_predict_names_classes_and_matches_the_network(run_dir):
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
+@pytest.mark.slow
 def test_onnx_export_checks_and_agrees_with_torch_at_any_batch(run_dir):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -116,6 +119,7 @@ def test_onnx_export_checks_and_agrees_with_torch_at_any_batch(run_dir):
         assert np.abs(got - expected).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_torchscript_export_runs_at_another_batch(run_dir):
     path = run_dir / "model.pt"
     out = cli("export", "--checkpoint", str(run_dir), "--format", "torchscript", "--out", str(path))
@@ -130,6 +134,7 @@ def test_torchscript_export_runs_at_another_batch(run_dir):
     assert (got - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_proxy_norm_model_exports_its_frozen_form(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

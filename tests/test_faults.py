@@ -136,6 +136,7 @@ def test_bad_config_is_one_line_with_status_2_and_no_run_directory(case, tmp_pat
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_bad_value_in_a_file_names_the_file_and_the_process_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {TINY_CPU}\ntrain:\n  lr: -1\n")
@@ -318,6 +319,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues_exactly(tmp_path, capsys):
     overrides = TINY + ["train.epochs=4", "train.ema_decay=0.9"]
     straight = train(tiny_cfg(*overrides[len(TINY):]), tmp_path / "straight", **QUIET)
@@ -421,6 +423,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_continues(tmp_path):
     run = tmp_path / "run"
     overrides = TINY + ["train.epochs=3"]

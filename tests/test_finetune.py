@@ -57,6 +57,7 @@ def test_finetune_config_is_section_5():
     assert ft.model.resolution == ft.data.eval_resolution == 224 and ft.recipe == "native"
 
 
+@pytest.mark.slow
 def test_finetune_command_trains_only_the_last_layers(tmp_path):
     cfg = load(ROOT / "configs" / "tiny-cpu.yaml", TINY)
     name, kwargs = model_kwargs(cfg)

@@ -68,6 +68,7 @@ def test_models_without_batchnorm_keep_their_norms():
         assert torch.equal(folded(x), model(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layer+proxy", "group+proxy"])
 def test_frozen_proxy_norm_gives_the_live_outputs_without_recomputing_its_statistics(kind, monkeypatch):
     from ipu_effnet.models.fuse import inference_copy

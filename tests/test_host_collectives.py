@@ -129,6 +129,7 @@ shutdown_process_group()                                # as the train command d
 """
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_poprun_instances_share_weights_metrics_and_seed_through_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),

@@ -71,6 +71,7 @@ def max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return float((a.eval()(x) - b.eval()(x)).abs().max())
 
 
+@pytest.mark.slow
 def test_geffnet_b0_loads_and_computes_the_source_models_function(geffnet_file):
     src, path = geffnet_file
     model = create_model("efficientnet_b0", norm=NormSpec(eps=1e-5))
@@ -85,6 +86,7 @@ def test_geffnet_b0_loads_and_computes_the_source_models_function(geffnet_file):
     assert max_diff(src, inference_copy(model), images()) <= 1e-5
 
 
+@pytest.mark.slow
 def test_efficientnet_pytorch_b0_needs_tf_numerics(effnet_pytorch_file):
     src, path = effnet_pytorch_file
     model = create_model("efficientnet_b0", norm=NormSpec(eps=1e-3), padding="same")
@@ -195,6 +197,7 @@ def test_same_padding_rule():
     assert max_diff(model, folded, x) <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_checks_the_init_options(tmp_path):
     def cli(*argv):
         return subprocess.run([sys.executable, "-m", "ipu_effnet", *argv], capture_output=True, text=True, cwd=ROOT)
@@ -205,6 +208,7 @@ def test_cli_checks_the_init_options(tmp_path):
     assert bad.returncode == 2 and "needs --config" in bad.stderr
 
 
+@pytest.mark.slow
 def test_train_starts_from_the_file(tmp_path):
     """train --init-from: with lr 0 the run's final weights are the file's (GroupNorm: no running
     statistics move), and the resolved config records the file and its format."""

@@ -51,6 +51,7 @@ def batch(n, res=32, classes=10):
 # poptorch absent
 
 
+@pytest.mark.slow
 def test_backend_ipu_without_poptorch_exits_2_naming_the_sdk():
     out = subprocess.run([sys.executable, "-m", "ipu_effnet", "train", "--config",
                           "configs/efficientnet-b0-g16-gn-pod16.yaml", "--set", "backend=ipu", "--out", "/nonexistent/x"],
@@ -272,6 +273,7 @@ def test_begin_block_at_the_configured_modules_with_ipu_ids(poptorch):
     assert ("identity_loss", "none", torch.float32) in poptorch.CALLS
 
 
+@pytest.mark.slow
 def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -343,6 +345,7 @@ def test_optimizers_map_to_poptorch_with_the_same_groups(poptorch):
             assert ipu_opt.defaults["alpha"] == opt.defaults["alpha"] and ipu_opt.defaults["eps"] == 1e-3
 
 
+@pytest.mark.slow
 def test_set_optimizer_only_when_the_lr_changes(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -505,6 +508,7 @@ def test_ipu_optimiser_state_from_elsewhere_is_refused(poptorch):
         runner.load_optimizer_state(opt.state_dict())  # a torch optimiser's state: no "ipu_state"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_poprun_instances_report_metrics_over_both_shards(tmp_path):
     """Two poprun instances (POPDIST_* set as poprun would, the double as poptorch): instance 0 logs the

@@ -63,6 +63,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_bn_halfres_recipe_survives_validation_a_kill_and_the_fine_tune_phase(poptorch, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the killed run's process (OMP_NUM_THREADS=1): the same float reductions
@@ -128,6 +129,7 @@ def test_progressive_recipe_compiles_one_program_per_stage(poptorch, tmp_path):
     assert summary["stage_resolutions"] == [32, 64] and summary["steps"] == 4
 
 
+@pytest.mark.slow
 def test_compile_only_fills_the_cache_and_exits_0_naming_it(tmp_path):
     cache = tmp_path / "cache"
     overrides = ["model.name=efficientnet_tiny", "backend=ipu", "model.num_classes=4", "model.group_size=16",
@@ -141,6 +143,7 @@ def test_compile_only_fills_the_cache_and_exits_0_naming_it(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_lnpn_pipeline_with_two_replicas_under_two_instances(tmp_path):
     """Two poprun instances, one replica each of a 2-stage pipeline, LayerNorm + Proxy Norm; 9 validation

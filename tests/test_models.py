@@ -71,6 +71,7 @@ def test_b2_gmacs_at_288_px():
     assert abs(info_json("--model", "efficientnet_b2", "--res", "288")["gmacs"] / 1.088 - 1) < 0.02
 
 
+@pytest.mark.slow
 def test_info_as_a_subprocess_prints_json():
     out = subprocess.run([sys.executable, "-m", "ipu_effnet", "info", "--model", "efficientnet_b0", "--json"],
                          capture_output=True, text=True, check=True)
@@ -78,6 +79,7 @@ def test_info_as_a_subprocess_prints_json():
     assert (info["params"], info["resolution"]) == (5_288_548, 224)
 
 
+@pytest.mark.slow
 def test_info_bad_model_is_one_line_and_exit_2():
     out = subprocess.run([sys.executable, "-m", "ipu_effnet", "info", "--model", "efficientnet_b9"],
                          capture_output=True, text=True)
@@ -209,6 +211,7 @@ def _forward_backward(model: nn.Module, res: int, batch: int = 2) -> None:
     assert not missing, missing[:5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_NAMED)
 def test_forward_backward_every_named_variant(name):
     # Small input and 10 classes keep this fast; 64 px still leaves 2x2 after five stride-2 stages.
@@ -245,6 +248,7 @@ def test_in_chans_option():
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_family_table_puts_g1_beside_g16():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -182,6 +182,7 @@ def test_a_torch_without_pipelining_is_a_usage_error(monkeypatch):
 # Two ranks against one process
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_at_the_planners_split_match_one_process(tmp_path):
     """Acceptance: `train` with backend pipeline under torchrun (gloo, 2 ranks, 1F1B over 4 micro-batches)
@@ -250,6 +251,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_gpipe_with_a_residual_crossing_ranks_and_mixing_matches_torch_runner_on_every_rank(tmp_path):
     """The runner alone: GPipe over 4 micro-batches, split inside residual block blocks.5.1 (two tensors

@@ -88,6 +88,7 @@ def stamp(repo: Path, name: str = "requirements") -> Path:
     return repo / ".venv" / f".ipu_effnet-{name}.stamp"
 
 
+@pytest.mark.slow
 def test_first_call_creates_venv_writes_stamp_and_second_call_does_not_reinstall(repo: Path):
     first = ok(run(repo, "env"))
     assert CREATING in first.stderr
@@ -101,6 +102,7 @@ def test_first_call_creates_venv_writes_stamp_and_second_call_does_not_reinstall
     assert env_info(second)["python"] == env_info(first)["python"]
 
 
+@pytest.mark.slow
 def test_changed_requirements_trigger_one_reinstall(repo: Path):
     ok(run(repo, "env"))
     (repo / "requirements.txt").write_text("# nothing to install\n# still nothing, but changed\n")
@@ -110,6 +112,7 @@ def test_changed_requirements_trigger_one_reinstall(repo: Path):
     assert ok(run(repo, "env")).stderr == ""
 
 
+@pytest.mark.slow
 def test_concurrent_first_calls_install_once_and_all_succeed(repo: Path):
     procs = [
         subprocess.Popen(
@@ -164,6 +167,7 @@ def test_test_command_runs_pytest_with_args_and_keeps_its_exit_status(repo: Path
     assert none.returncode == 5  # pytest's "no tests collected" reaches the caller (.ci/run fails on it)
 
 
+@pytest.mark.slow
 def test_test_extras_have_their_own_stamp(repo: Path):
     first = ok(run(repo, "setup", "--test"))
     assert CREATING in first.stderr and "installing requirements-test.txt" in first.stderr
@@ -178,6 +182,7 @@ def test_test_extras_have_their_own_stamp(repo: Path):
     assert ok(run(repo, "setup", "--test")).stderr.startswith("ipu_effnet: ready")
 
 
+@pytest.mark.slow
 def test_failed_install_exits_nonzero_leaves_no_stamp_and_retries(repo: Path, tmp_path: Path):
     bad = tmp_path / "bad.txt"
     bad.write_text("/nonexistent/not_a_package-1.0-py3-none-any.whl\n")
@@ -192,6 +197,7 @@ def test_failed_install_exits_nonzero_leaves_no_stamp_and_retries(repo: Path, tm
     assert stamp(repo).exists()
 
 
+@pytest.mark.slow
 def test_venv_path_override_is_relative_to_caller_and_broken_venv_is_recreated(repo: Path, tmp_path: Path):
     venv = tmp_path / "custom-venv"
     ok(run(repo, "env", cwd=tmp_path, IPU_EFFNET_VENV="custom-venv"))
@@ -232,6 +238,7 @@ def fake_wheel(directory: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_test_setup_installs_the_extras_and_the_no_deps_peers(repo: Path, tmp_path: Path):
     (repo / "requirements-extras.txt").write_text("# optional features\n")
     wheel = fake_wheel(tmp_path)

@@ -89,6 +89,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     common = ["train", "--config", "configs/tiny-cpu.yaml", *sets(TINY + ["train.epochs=4"])]
     straight = cli(*common, "--out", str(tmp_path / "straight"))
@@ -120,6 +121,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert (sa["val_top1"], sa["val_loss"]) == (sb["val_top1"], sb["val_loss"])
 
 
+@pytest.mark.slow
 def test_train_refuses_to_overwrite_checkpoints(tmp_path):
     cfg_args = ["train", "--config", "configs/tiny-cpu.yaml", *sets(TINY + ["train.epochs=1"]), "--out", str(tmp_path)]
     assert cli(*cfg_args).returncode == 0
@@ -127,6 +129,7 @@ def test_train_refuses_to_overwrite_checkpoints(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     base = sets(TINY + ["train.epochs=1", "data.num_train=16", "train.optimizer=sgd", "train.lr=0.05",
