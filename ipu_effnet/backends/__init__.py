@@ -128,11 +128,8 @@ def open_runner(backend_name: str, training_model: Any, optimizer: Any, cfg: Any
     if backend_name == "torch" and info.world_size > 1:
         import torch.nn as nn
 
-        ddp = nn.parallel.DistributedDataParallel(
+        training_model = nn.parallel.DistributedDataParallel(
             training_model, device_ids=[device.index] if device is not None and device.type == "cuda" else None)
-        from ipu_effnet.backends.torch_backend import TorchRunner
-
-        return TorchRunner(ddp, optimizer, cfg.train.grad_accum, cfg.train.precision, device)
     if backend_name == "ipu":
         info.collectives.broadcast_module(training_model.model)
     return prepare(backend_name, training_model, optimizer, cfg, log=log, device=device, num_samples=num_samples)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ipu_effnet.backends.ipu_layout import IpuLayout
 from ipu_effnet.backends.runner import Runner
+from ipu_effnet.training.evaluation import summarise
 
 
 class IpuRunner(Runner):
@@ -191,11 +192,7 @@ class IpuRunner(Runner):
             self.evaluate(*filler)  # padding: run, not counted
             calls += 1
         self._detach(self._inference)  # the training program re-attaches at the next step
-        if reduce is not None:
-            sums = reduce(sums)
-        total = max(sums["samples"], 1.0)
-        return {"top1": sums["correct1"] / total, "top5": sums["correct5"] / total, "loss": sums["loss"] / total,
-                "samples": int(sums["samples"])}
+        return summarise(reduce(sums) if reduce is not None else sums)
 
     def optimizer_state(self) -> Dict[str, Any]:
         """The poptorch optimiser's state for a checkpoint: its state_dict, which after a step holds the

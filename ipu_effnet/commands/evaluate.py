@@ -28,13 +28,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ipu_effnet.data import create_dataset, create_loader
-    from ipu_effnet.resolutions import train_resolution
+    from ipu_effnet.resolutions import eval_resolution
     from ipu_effnet.run.run_dirs import load_run_checkpoint
     from ipu_effnet.training.checkpoint import rebuild_model
     from ipu_effnet.training.evaluation import evaluate
 
     path, ckpt, cfg = load_run_checkpoint(args.checkpoint, args.overrides)
-    res = args.res or cfg.data.eval_resolution or train_resolution(cfg)
+    res = args.res or eval_resolution(cfg)
     if res < 32:
         raise UsageError(f"--res {res}: the resolution must be at least 32")
     model = rebuild_model(ckpt, averager="epoch" if args.averaged else None)

@@ -130,12 +130,12 @@ def verify(path: Path, fmt: str, model, images) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.inference import class_names, load_inference_model
-    from ipu_effnet.resolutions import train_resolution
+    from ipu_effnet.resolutions import eval_resolution
 
     if args.format == "onnx":
         _require("onnx", "--format onnx")  # before any work
     model, ckpt, cfg, path = load_inference_model(args.checkpoint, args.averaged, args.overrides)
-    res = args.res or cfg.data.eval_resolution or train_resolution(cfg)
+    res = args.res or eval_resolution(cfg)
     if res < 32:
         raise UsageError(f"--res {res}: the resolution must be at least 32")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent

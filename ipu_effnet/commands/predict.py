@@ -45,13 +45,13 @@ def predict(model, images, names, topk: int, batch: int = 32):
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.inference import class_names, find_images, load_images, load_inference_model
-    from ipu_effnet.resolutions import train_resolution
+    from ipu_effnet.resolutions import eval_resolution
 
     if args.topk < 1 or args.batch < 1:
         raise UsageError("--topk and --batch must be at least 1")
     find_images(args.images)  # a wrong path fails before the checkpoint loads
     model, ckpt, cfg, path = load_inference_model(args.checkpoint, args.averaged)
-    res = args.res or cfg.data.eval_resolution or train_resolution(cfg)
+    res = args.res or eval_resolution(cfg)
     if res < 32:
         raise UsageError(f"--res {res}: the resolution must be at least 32")
     images, files = load_images(args.images, res)

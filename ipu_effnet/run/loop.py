@@ -112,6 +112,7 @@ class PhaseRun:
         torch.manual_seed(self.info.collectives.broadcast_object(cfg.train.seed))  # one seed for every process
         self.stages = phase_stages(cfg, phase)
         self.current: Optional[Stage] = None
+        self.bn_note_said = False  # a runner's reason for not recomputing BatchNorm statistics, said once
         self._build_model()
         self._build_data()
         self._build_training()
@@ -232,9 +233,9 @@ class PhaseRun:
             return
         note = self.runner.bn_recalibration_note
         if note is not None:
-            if not getattr(self, "_bn_note_said", False):
+            if not self.bn_note_said:
                 self.say(note)
-                self._bn_note_said = True
+                self.bn_note_said = True
             return
         loader = self.train_loader
         if self.current is not self.stages[-1] and len(self.stages) > 1:  # resumed after the last epoch
