@@ -414,3 +414,26 @@ def test_tiny_cpu_recipe():
     assert (cfg.model.name, cfg.norm.kind, cfg.model.resolution) == ("efficientnet_b0_g16", "group", 32)
     assert (cfg.model.num_classes, cfg.train.micro_batch, cfg.train.epochs) == (10, 4, 1)
     assert cfg.data.dataset == "generated" and cfg.train.precision == "32.32"
+
+
+def test_replace_changes_fields_section_by_section_and_leaves_the_original():
+    cfg = load(None, ["model.resolution=128", "train.epochs=5"])
+    new = C.replace(cfg, {"recipe": "native", "model.resolution": 96, "train.lr": 1, "train.cutmix": True})
+    assert (new.model.resolution, new.recipe, new.train.cutmix) == (96, "native", True)
+    assert new.train.lr == 1.0 and isinstance(new.train.lr, float)  # coerced as a recipe's value would be
+    assert new.train.epochs == 5 and new.model.name == cfg.model.name
+    assert (cfg.model.resolution, cfg.train.lr, cfg.train.cutmix) != (96, 1.0, True)
+    assert load(None, ["recipe=native", "model.resolution=96", "train.lr=1", "train.cutmix=true",
+                       "train.epochs=5"]) == new
+
+
+def test_replace_checks_values_keys_and_cross_field_rules_naming_its_source():
+    cfg = load(None)
+    with pytest.raises(ConfigError, match=r"^<phase>: train.optimizer = 'adamx' .*adamw"):
+        C.replace(cfg, {"train.optimizer": "adamx"}, source="<phase>")
+    with pytest.raises(ConfigError, match=r"<phase>.*did you mean 'train.epochs'"):
+        C.replace(cfg, {"train.epoch": 3}, source="<phase>")
+    with pytest.raises(ConfigError, match="same remainder modulo 32"):
+        C.replace(cfg, {"recipe": "halfres", "model.resolution": 100, "finetune.resolution": 224})
+    with pytest.raises(ConfigError, match="too small for mixup"):
+        C.replace(cfg, {"train.mixup_alpha": 0.2, "train.micro_batch": 1})

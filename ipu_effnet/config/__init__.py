@@ -56,6 +56,7 @@ from ipu_effnet.config.schema import (
     norm_spec,
     option,
 )
+from ipu_effnet.config.validation import replace
 
 __all__ = [
     "BACKENDS",
@@ -72,6 +73,7 @@ __all__ = [
     "PRECISIONS",
     "RECIPES",
     "RESAMPLERS",
+    "replace",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -98,6 +98,26 @@ def build_config(tree: Dict[str, Any], where: Origins) -> Config:
     return cfg
 
 
+def replace(cfg: Config, changes: Dict[str, Any], source: str = "<derived>") -> Config:
+    """`cfg` with dotted fields changed (`{"model.resolution": 96, "recipe": "native"}`): each section
+    through `dataclasses.replace`, each new value coerced and checked as if a recipe had set it, then the
+    cross-field checks once. How a phase of a recipe gets its own config."""
+    fields: Dict[str, Dict[str, Any]] = {"": {}}
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        if "." in section or not dataclasses.is_dataclass(owner) or key not in {f.name for f in dataclasses.fields(owner)}:
+            raise _unknown_key(type(owner) if dataclasses.is_dataclass(owner) else Config, key, value,
+                               section + "." if section else "", source)
+        f = {f.name: f for f in dataclasses.fields(owner)}[key]
+        fields.setdefault(section, {})[key] = _coerce(_hints(type(owner))[key], value, dotted, source, f.metadata)
+    top = fields.pop("")
+    sections = {name: dataclasses.replace(getattr(cfg, name), **kv) for name, kv in fields.items()}
+    new = dataclasses.replace(cfg, **top, **sections)
+    _check_config(new, Origins({}, source))
+    return new
+
+
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 _PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}

@@ -42,7 +42,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ipu_effnet.config import Config, apply_overrides, write_resolved
+from ipu_effnet.config import Config, replace, write_resolved
 from ipu_effnet.errors import UsageError
 from ipu_effnet.resolutions import finetune_resolution, halfres_resolution, train_resolution
 from ipu_effnet.run.loop import train_phase
@@ -114,20 +114,18 @@ def finetune_config(cfg: Config, resolution: Optional[int] = None, epochs: Optio
     ft = cfg.finetune
     res = resolution or finetune_resolution(cfg)
     t = cfg.train
-    sets = [
-        "recipe=native", f"model.resolution={res}", f"data.eval_resolution={res}",
-        f"finetune.resolution={res}",
-        f"train.epochs={ft.epochs if epochs is None else epochs}",
-        f"train.lr={ft.lr if lr is None else lr}", "train.lr_reference_batch=null",
-        "train.optimizer=sgd", "train.momentum=0.0", "train.lr_schedule=cosine", "train.warmup_epochs=0",
-        "train.mixup_alpha=0.0", "train.cutmix=false", "train.randaugment_magnitude=null",
-        f"train.micro_batch={ft.micro_batch or t.micro_batch}", f"train.grad_accum={ft.grad_accum or t.grad_accum}",
-        f"train.label_smoothing={t.label_smoothing if ft.label_smoothing is None else ft.label_smoothing}",
-        "train.ema_decay=null",
-    ]
+    changes = {
+        "recipe": "native", "model.resolution": res, "data.eval_resolution": res, "finetune.resolution": res,
+        "train.epochs": ft.epochs if epochs is None else epochs, "train.lr": ft.lr if lr is None else lr,
+        "train.lr_reference_batch": None, "train.optimizer": "sgd", "train.momentum": 0.0,
+        "train.lr_schedule": "cosine", "train.warmup_epochs": 0, "train.mixup_alpha": 0.0, "train.cutmix": False,
+        "train.randaugment_magnitude": None, "train.ema_decay": None,
+        "train.micro_batch": ft.micro_batch or t.micro_batch, "train.grad_accum": ft.grad_accum or t.grad_accum,
+        "train.label_smoothing": t.label_smoothing if ft.label_smoothing is None else ft.label_smoothing,
+    }
     if first_trainable is not None:
-        sets.append(f"finetune.first_trainable={first_trainable}")
-    return apply_overrides(cfg, sets, source="<finetune phase>")
+        changes["finetune.first_trainable"] = first_trainable
+    return replace(cfg, changes, source="<finetune phase>")
 
 
 def finetune_phase(cfg: Config, ckpt: Dict[str, Any], run_dir: Path, averaged: bool = True,
@@ -180,21 +178,22 @@ def init_numerics(cfg: Config, log: Callable[[str], None] = print) -> Config:
     if not path:
         return cfg
     fmt, numerics, how = weights_numerics(path, cfg.model.init_format)
-    sets, said = [], []
+    changes: Dict[str, Any] = {}
+    said = []
     if numerics.eps is not None:
         said.append(f"norm.eps={numerics.eps:g}")
         if cfg.norm.eps != numerics.eps:
-            sets.append(f"norm.eps={numerics.eps!r}")
+            changes["norm.eps"] = numerics.eps
     if numerics.padding is not None:
         said.append(f"model.padding={numerics.padding}")
         if cfg.model.padding != numerics.padding:
-            sets.append(f"model.padding={numerics.padding}")
+            changes["model.padding"] = numerics.padding
     if said:
-        changed = f" (changed from norm.eps={cfg.norm.eps:g}, model.padding={cfg.model.padding})" if sets else ""
+        changed = f" (changed from norm.eps={cfg.norm.eps:g}, model.padding={cfg.model.padding})" if changes else ""
         log(f"init-from {path}: {fmt} format ({how}); the numerics its weights were trained with: "
             f"{', '.join(said)}{changed}")
-    sets.append(f"model.init_format={fmt}")
-    return apply_overrides(cfg, sets, source=f"--init-from {path}")
+    changes["model.init_format"] = fmt
+    return replace(cfg, changes, source=f"--init-from {path}")
 
 
 def _silent(_msg: str) -> None:
@@ -262,7 +261,7 @@ def train(cfg: Config, run_dir: os.PathLike, resume: bool = False, source: Optio
         (run_dir / "summary.json").unlink(missing_ok=True)
     train_dir, ft_dir = run_dir / "train", run_dir / "finetune"
     half = halfres_resolution(cfg)
-    main_cfg = apply_overrides(cfg, ["recipe=native", f"model.resolution={half}"], source="<halfres phase>")
+    main_cfg = replace(cfg, {"recipe": "native", "model.resolution": half}, source="<halfres phase>")
     main = _done(train_dir) if resume else None
     if main is None:
         log(f"halfres: phase 1/2, training at {half} px in {train_dir}")
