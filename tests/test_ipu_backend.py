@@ -196,6 +196,19 @@ def test_combined_batch_rule():
         validate_ipu_config(cfg, instances=4 if cfg.ipu.replicas % 4 else 3)
 
 
+@pytest.mark.parametrize("recipe", ["native", "halfres"])
+def test_the_finetune_section_is_checked_up_front_whatever_the_recipe(recipe):
+    from ipu_effnet.backends.ipu import validate_ipu_config
+
+    pipelined = ["ipu.ipus_per_replica=2", "ipu.pipeline_splits=[blocks.3.0]", "train.grad_accum=3",
+                 f"recipe={recipe}", "model.resolution=96", "finetune.resolution=128"]
+    assert validate_ipu_config(tiny_cfg(*pipelined)).grad_accum == 3  # finetune falls back on train's batch
+    with pytest.raises(UsageError, match=r"^finetune.grad_accum = 2: a pipeline .* >= 3"):
+        validate_ipu_config(tiny_cfg(*pipelined, "finetune.grad_accum=2"))
+    layout = validate_ipu_config(tiny_cfg(*pipelined, "finetune.micro_batch=8", "finetune.grad_accum=5"))
+    assert (layout.micro_batch, layout.grad_accum) == (tiny_cfg(*pipelined).train.micro_batch, 3)
+
+
 def test_unknown_split_names_the_nearest_paths():
     from ipu_effnet.backends.ipu import validate_ipu_config
 

@@ -68,8 +68,8 @@ def resolve_backend(name: str, log: Optional[Callable[[str], None]] = None) -> s
 
 
 def prepare(backend_name: str, training_model: Any, optimizer: Any, cfg: Any,
-            log: Optional[Callable[[str], None]] = None, device: Any = None, num_samples: Optional[int] = None,
-            phase: str = "train") -> Any:
+            log: Optional[Callable[[str], None]] = None, device: Any = None,
+            num_samples: Optional[int] = None) -> Any:
     """A runner with `step(images, labels) -> {"loss", "correct", "samples"}` for a resolved backend name.
 
     torch: TorchRunner over `training_model` (wrap it in DDP first if needed) on `device`.
@@ -86,7 +86,7 @@ def prepare(backend_name: str, training_model: Any, optimizer: Any, cfg: Any,
     if backend_name == "ipu":
         from ipu_effnet.backends.ipu import prepare_ipu
 
-        return prepare_ipu(training_model, optimizer, cfg, log=log, num_samples=num_samples, phase=phase)
+        return prepare_ipu(training_model, optimizer, cfg, log=log, num_samples=num_samples)
     if backend_name == "pipeline":
         from ipu_effnet.backends.pipeline import prepare_pipeline
 

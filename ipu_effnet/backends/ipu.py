@@ -325,8 +325,7 @@ def to_poptorch_optimizer(optimizer: torch.optim.Optimizer, poptorch: Any, cfg: 
 
 
 def prepare_ipu(training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
-                log: Optional[Callable[[str], None]] = None, num_samples: Optional[int] = None,
-                phase: str = "train") -> IpuRunner:
+                log: Optional[Callable[[str], None]] = None, num_samples: Optional[int] = None) -> IpuRunner:
     """Validate, build options, convert the model, wrap it with poptorch.trainingModel; nothing compiles
     until the first step (or `runner.compile`)."""
     say = log or (lambda _msg: None)
@@ -334,8 +333,7 @@ def prepare_ipu(training_model: nn.Module, optimizer: torch.optim.Optimizer, cfg
     popdist = import_popdist()
     instances = popdist.getNumInstances() if popdist is not None else 1
     instance = popdist.getInstanceIndex() if popdist is not None else 0
-    layout = validate_ipu_config(cfg, training_model.model, instances=instances, num_samples=num_samples,
-                                 phase=phase)
+    layout = validate_ipu_config(cfg, training_model.model, instances=instances, num_samples=num_samples)
     host_rng = torch.get_rng_state()
     train_opts = build_options(cfg, poptorch, popdist, train=True, log=say)
     infer_opts = build_options(cfg, poptorch, popdist, train=False)

@@ -67,22 +67,21 @@ class IpuLayout:
                 f"gradient accumulation {self.grad_accum} = {self.host_batch} images per call")
 
 
-def _phase_layouts(cfg: Any, instances: int) -> List[Tuple[str, IpuLayout]]:
-    """(phase name, layout) for each training phase of the recipe: 'train', and 'finetune' for halfres."""
-    ipu, train = cfg.ipu, cfg.train
-    phases = [("train", IpuLayout(train.micro_batch, train.grad_accum, ipu.device_iterations, ipu.replicas,
-                                  ipu.ipus_per_replica, instances))]
-    if cfg.recipe == "halfres":
-        ft = cfg.finetune
-        phases.append(("finetune", IpuLayout(ft.micro_batch or train.micro_batch, ft.grad_accum or train.grad_accum,
-                                             ipu.device_iterations, ipu.replicas, ipu.ipus_per_replica, instances)))
-    return phases
+def _section_layouts(cfg: Any, instances: int) -> List[Tuple[str, IpuLayout]]:
+    """(section, layout) for the train section and the finetune section (its batch falls back on train's):
+    a fine-tune, whether a recipe's second phase or the `finetune` command, is checked before the first
+    phase compiles, without asking which recipe this is."""
+    ipu, train, ft = cfg.ipu, cfg.train, cfg.finetune
+    return [(name, IpuLayout(micro, accum, ipu.device_iterations, ipu.replicas, ipu.ipus_per_replica, instances))
+            for name, micro, accum in (("train", train.micro_batch, train.grad_accum),
+                                       ("finetune", ft.micro_batch or train.micro_batch,
+                                        ft.grad_accum or train.grad_accum))]
 
 
 def validate_ipu_config(cfg: Any, model: Optional[nn.Module] = None, instances: int = 1,
-                        num_samples: Optional[int] = None, phase: str = "train") -> IpuLayout:
-    """Check everything about `cfg` that the IPU backend needs, before any compilation; return the layout
-    of `phase` ('train', or 'finetune' for a halfres recipe).
+                        num_samples: Optional[int] = None) -> IpuLayout:
+    """Check everything about `cfg` that the IPU backend needs, before any compilation (the train and the
+    finetune sections' batches both); return the layout of the train section, the one this config trains.
 
     model:       the network as built (a `meta` one will do): pipeline splits and recomputation points
                  must name its modules, splits in forward order
@@ -115,11 +114,8 @@ def validate_ipu_config(cfg: Any, model: Optional[nn.Module] = None, instances: 
     if ipu.compile_only and ipu.ipu_model:
         raise UsageError("ipu.compile_only targets an offline Mk2 IPU, which cannot be combined with "
                          "ipu.ipu_model = true; drop one of them")
-    layouts = dict(_phase_layouts(cfg, instances))
-    if phase not in layouts:
-        raise ValueError(f"phase {phase!r}: the recipe {cfg.recipe!r} has {', '.join(layouts)}")
-    for name, layout in layouts.items():
-        key = "train" if name == "train" else "finetune"
+    layouts = dict(_section_layouts(cfg, instances))
+    for key, layout in layouts.items():
         # A pipeline of S stages in training has 2S - 1 forward and backward stages in flight: poptorch
         # needs at least that many micro-batches per optimiser step to fill it.
         depth = 2 * stages - 1
@@ -136,7 +132,7 @@ def validate_ipu_config(cfg: Any, model: Optional[nn.Module] = None, instances: 
         resolve_module_paths(model, ipu.recompute, "ipu.recompute")
         if cfg.finetune.first_trainable:
             resolve_module_paths(model, [cfg.finetune.first_trainable], "finetune.first_trainable")
-    return layouts[phase]
+    return layouts["train"]
 
 
 def check_recipes(paths: Sequence[str]) -> List[IpuLayout]:
