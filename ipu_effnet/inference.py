@@ -4,7 +4,7 @@
     images, names = load_images(["cat.jpg", "photos/"], resolution=224)   # uint8 N x 3 x R x R
     probs = model(images).softmax(1)
 
-`InferenceModel` is the inference copy of the network (`models/fuse.inference_copy`: BatchNorm folded
+`InferenceModel` is the inference copy of the network (`models/fold.inference_copy`: BatchNorm folded
 into the convolutions, Proxy Norm's statistics frozen) behind the normalisation that training applies
 on the device (`training/model.py`): it takes uint8 RGB images, N x 3 x R x R with values 0..255, the
 project's host/device boundary, and returns the logits. `export` writes this module as ONNX or
@@ -34,7 +34,7 @@ class InferenceModel(nn.Module):
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        from ipu_effnet.models.fuse import inference_copy
+        from ipu_effnet.models.fold import inference_copy
         from ipu_effnet.training.model import IMAGENET_MEAN, IMAGENET_STD
 
         self.network = inference_copy(network)

@@ -10,13 +10,29 @@ made once (a NormSpec) and every block follows it.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import importlib
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import torch.nn as nn
-
-from .act import ACT_NAMES, get_act
-from .layers import ActOnly, BatchNormAct2d, GroupNormAct
 from .spec import BATCH_INDEPENDENT_KINDS, NORM_KINDS, NormSpec, as_norm_spec
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from .act import ACT_NAMES, get_act
+    from .layers import ActOnly, BatchNormAct2d, GroupNormAct
+
+# The names that need torch load on first use, so that `NormSpec` (and with it the config, whose `norm`
+# section it is) imports without torch.
+_TORCH_NAMES = {"ACT_NAMES": "act", "get_act": "act", "ActOnly": "layers", "BatchNormAct2d": "layers",
+                "GroupNormAct": "layers"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        value = getattr(importlib.import_module(f".{_TORCH_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ACT_NAMES",
@@ -38,6 +54,8 @@ def make_norm_act(spec: Union[NormSpec, str, None], num_channels: int, act: Opti
 
     apply_act=False gives the normalisation alone (the projection conv of MBConv).
     """
+    from .layers import ActOnly, BatchNormAct2d, GroupNormAct
+
     spec = as_norm_spec(spec)
     if spec.proxy:
         from .proxy import make_proxy_norm_act

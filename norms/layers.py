@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .act import act_fresh, get_act
 from .proxy_ops import autocast_active, plain_ops_only
+from .spec import check_group_count
 
 # The out= form of torch's batch norm (its output may alias its input: the eval-mode transform is
 # element-wise); None where this torch lacks it, and then the layer stays out of place.
@@ -69,10 +70,7 @@ class GroupNormAct(nn.GroupNorm):
 
     def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-3,
                  act: Optional[str] = "silu", apply_act: bool = True) -> None:
-        if num_channels % num_groups:
-            raise ValueError(
-                f"GroupNorm with {num_groups} groups needs a channel count divisible by {num_groups}; "
-                f"got {num_channels} channels")
+        check_group_count(num_channels, num_groups)
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.act = get_act(act if apply_act else None)
 

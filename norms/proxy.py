@@ -34,7 +34,7 @@ Choices, and why:
 - Per element: GroupNorm with the affine inside `F.group_norm`, the activation, and one scale-and-shift,
   (z - m) / sqrt(v + eps) = z * s + t with s = 1 / sqrt(v + eps), t = -m * s per channel, instead of a
   subtraction and a division over the whole tensor. `impl` chooses how that runs (norms/proxy_ops.py):
-  "fused" (SiLU: one autograd node, in place, the default), "inplace" (other activations that allow it)
+  "gn_silu" (SiLU: one autograd node, in place, the default), "inplace" (other activations that allow it)
   or "reference" (plain differentiable ops: twice differentiable, and what a backend that differentiates
   the traced forward itself, such as poptorch, should get). All three give the same values and gradients.
 
@@ -72,7 +72,7 @@ from .proxy_ops import (
     proxy_moments,
     proxy_scale_shift,
 )
-from .spec import NormSpec
+from .spec import NormSpec, check_group_count
 
 __all__ = ["FrozenProxyNormAct", "GroupNormScale", "ProxyNormAct", "batched_proxy_scale_shift", "make_proxy_norm_act",
            "shared_proxy_stats", "standard_normal_quantiles"]
@@ -96,13 +96,6 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_groups(num_channels: int, num_groups: int) -> None:
-    if num_channels % num_groups:
-        raise ValueError(
-            f"GroupNorm with {num_groups} groups needs a channel count divisible by {num_groups}; "
-            f"got {num_channels} channels")
-
-
 class ProxyNormAct(nn.Module):
     """GroupNorm (LayerNorm when num_groups == 1) without affine, affine, activation, Proxy Norm.
 
@@ -121,7 +114,7 @@ class ProxyNormAct(nn.Module):
     def __init__(self, num_channels: int, num_groups: int = 1, eps: float = 1e-3, act: Optional[str] = "silu",
                  proxy_eps: float = 0.03, num_points: int = 200, impl: Optional[str] = None) -> None:
         super().__init__()
-        _check_groups(num_channels, num_groups)
+        check_group_count(num_channels, num_groups)
         if not proxy_eps > 0:
             raise ValueError(f"Proxy Norm eps must be > 0, got {proxy_eps}")
         self.num_channels = num_channels
@@ -214,7 +207,7 @@ def batched_proxy_scale_shift(layers: Sequence[ProxyNormAct]) -> List[Tuple[torc
         gamma, beta, gamma_t, beta_t = (torch.cat([p[k] for p in params]) for k in range(4))
         first = members[0]
         s, t = proxy_scale_shift(gamma, beta, gamma_t, beta_t, params[0][4], first.act, first.proxy_eps,
-                                 "reference" if first.impl == "reference" else "fused")
+                                 "reference" if first.impl == "reference" else "gn_silu")
         sizes = [m.num_channels for m in members]
         for i, s_i, t_i in zip(indices, s.split(sizes), t.split(sizes)):
             results[i] = (s_i, t_i)
@@ -275,7 +268,7 @@ class GroupNormScale(nn.Module):
 
     def __init__(self, num_channels: int, num_groups: int = 1, eps: float = 1e-3) -> None:
         super().__init__()
-        _check_groups(num_channels, num_groups)
+        check_group_count(num_channels, num_groups)
         self.num_channels = num_channels
         self.num_groups = num_groups
         self.eps = eps

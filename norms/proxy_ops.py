@@ -1,4 +1,4 @@
-"""How Proxy Norm's work runs: plain autograd, in place, or fused with GroupNorm (norms/proxy.py says what
+"""How Proxy Norm's work runs: plain autograd, in place, or one node with GroupNorm and SiLU (norms/proxy.py says what
 it computes).
 
 Per element, Proxy Norm is GroupNorm + affine, the activation, then out = z * s + t with per-channel s, t
@@ -16,13 +16,13 @@ gradients:
     "inplace"    F.group_norm -> act -> `_ScaleShiftInPlace`, which overwrites the activation's output
                  (only this module holds it) in one pass. For activations whose backward needs their
                  input, not their output (not ReLU, not Sigmoid).
-    "fused"      `_GroupNormSiLUScaleShift`, SiLU only: GroupNorm, SiLU and the in-place scale-and-shift
+    "gn_silu"    `_GroupNormSiLUScaleShift`, SiLU only: GroupNorm, SiLU and the in-place scale-and-shift
                  as one autograd node. Its backward calls torch's own GroupNorm and SiLU backward kernels
                  and folds s into GroupNorm's weight, so the only extra per-element work over
                  LayerNorm + SiLU is the in-place forward pass and one reduction pass (sum(g * out) and
                  sum(g) per channel, with torch's batch-norm backward kernel, which needs no temporary).
 
-"inplace" and "fused" compute the statistics with one custom node too (`_ProxyScaleShift`). The custom
+"inplace" and "gn_silu" compute the statistics with one custom node too (`_ProxyScaleShift`). The custom
 nodes are once differentiable; tests compare their values and gradients with "reference" and run
 torch.autograd.gradcheck on each in float64.
 """
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .act import act_fresh
 
-IMPLS = ("fused", "inplace", "reference")
+IMPLS = ("gn_silu", "inplace", "reference")
 
 # Activations whose backward needs their *input* only, so their output may be overwritten in place.
 # (ReLU and Sigmoid keep their output for backward: overwriting it would make backward raise.)
@@ -49,7 +49,7 @@ INPLACE_SAFE_ACTS = (nn.SiLU, nn.GELU, nn.Mish, nn.Hardswish, nn.ReLU6, nn.Ident
 def default_impl(act: nn.Module) -> str:
     """The fastest implementation valid for this activation module."""
     if type(act) is nn.SiLU:
-        return "fused"
+        return "gn_silu"
     if isinstance(act, INPLACE_SAFE_ACTS):
         return "inplace"
     return "reference"
@@ -59,8 +59,8 @@ def check_impl(impl: str, act: nn.Module) -> str:
     """`impl` if it is valid for this activation module, else ValueError."""
     if impl not in IMPLS:
         raise ValueError(f"Proxy Norm impl {impl!r}: expected one of {', '.join(IMPLS)}")
-    if impl == "fused" and type(act) is not nn.SiLU:
-        raise ValueError(f"the fused Proxy Norm kernel supports SiLU only, got {type(act).__name__}")
+    if impl == "gn_silu" and type(act) is not nn.SiLU:
+        raise ValueError(f"Proxy Norm impl 'gn_silu' (GroupNorm and SiLU in one node) supports SiLU only, got {type(act).__name__}")
     if impl == "inplace" and not isinstance(act, INPLACE_SAFE_ACTS):
         raise ValueError(f"{type(act).__name__} keeps its output for backward: use impl='reference'")
     return impl
@@ -276,9 +276,9 @@ def group_norm_act_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.T
     """act(group_norm(x, num_groups, weight, bias, eps)) * s + t, s and t per channel, shape (C,), in any
     float dtype (they are cast to the activation's dtype).
 
-    impl: "fused" (act must be nn.SiLU), "inplace" (act must not keep its output for backward) or
+    impl: "gn_silu" (act must be nn.SiLU), "inplace" (act must not keep its output for backward) or
     "reference"; see the module docstring. Validate the pair once with `check_impl`. Under autocast,
-    "fused" runs as "inplace", so that F.group_norm gets autocast's precision rules; off CPU and CUDA,
+    "gn_silu" runs as "inplace", so that F.group_norm gets autocast's precision rules; off CPU and CUDA,
     and under poptorch, everything runs as "reference".
     """
     if plain_ops_only(x):
@@ -287,11 +287,11 @@ def group_norm_act_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.T
         z = act_fresh(act, F.group_norm(x, num_groups, weight, bias, eps))
         shape = _channel_shape(z)
         return torch.addcmul(t.to(z.dtype).view(shape), z, s.to(z.dtype).view(shape), out=z)
-    if impl == "fused" and not autocast_active(x):
+    if impl == "gn_silu" and not autocast_active(x):
         return _GroupNormSiLUScaleShift.apply(x, weight, bias, s.to(x.dtype), t.to(x.dtype), num_groups, eps)
     z = act(F.group_norm(x, num_groups, weight, bias, eps))
     s, t = s.to(z.dtype), t.to(z.dtype)
-    if impl in ("fused", "inplace"):
+    if impl in ("gn_silu", "inplace"):
         return _ScaleShiftInPlace.apply(z, s, t)
     shape = _channel_shape(z)
     return torch.addcmul(t.view(shape), z, s.view(shape))

@@ -7,7 +7,8 @@ activation (and, for Proxy Norm, the proxy renormalisation after the activation)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import operator
+from dataclasses import dataclass, field, fields, replace
 from typing import Union
 
 NORM_KINDS = ("batch", "group", "layer", "none")
@@ -27,29 +28,27 @@ class NormSpec:
     proxy_points: number of fixed standard-normal quantiles the proxy statistics use (200)
     """
 
-    kind: str = "batch"
-    groups: int = 4
-    eps: float = 1e-3
-    momentum: float = 0.01
+    # Each field's checks live in its metadata, in the vocabulary `ipu_effnet.config` reads for every
+    # config field (choices, ge, gt, le, lt): the config's `norm` section is this class.
+    kind: str = field(default="batch", metadata={"choices": NORM_KINDS})
+    groups: int = field(default=4, metadata={"ge": 1})
+    eps: float = field(default=1e-3, metadata={"gt": 0})
+    momentum: float = field(default=0.01, metadata={"ge": 0, "le": 1})
     proxy: bool = False
-    proxy_eps: float = 0.03
-    proxy_points: int = 200
+    proxy_eps: float = field(default=0.03, metadata={"gt": 0})
+    proxy_points: int = field(default=200, metadata={"ge": 2})
 
     def __post_init__(self) -> None:
-        if self.kind not in NORM_KINDS:
-            raise ValueError(f"norm kind {self.kind!r} is not one of {', '.join(NORM_KINDS)}")
-        if self.groups < 1:
-            raise ValueError(f"norm groups must be >= 1, got {self.groups}")
-        if not self.eps > 0:
-            raise ValueError(f"norm eps must be > 0, got {self.eps}")
-        if not 0 <= self.momentum <= 1:
-            raise ValueError(f"norm momentum must be in [0, 1], got {self.momentum}")
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"norm {f.name} {value!r} is not one of {', '.join(meta['choices'])}")
+            for key, ok, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
+                                  ("lt", operator.lt, "<")):
+                if key in meta and not ok(value, meta[key]):
+                    raise ValueError(f"norm {f.name} must be {word} {meta[key]}, got {value}")
         if self.proxy and self.kind not in ("group", "layer"):
             raise ValueError(f"Proxy Norm needs kind 'group' or 'layer', got kind {self.kind!r}")
-        if not self.proxy_eps > 0:
-            raise ValueError(f"norm proxy_eps must be > 0, got {self.proxy_eps}")
-        if self.proxy_points < 2:
-            raise ValueError(f"norm proxy_points must be >= 2, got {self.proxy_points}")
 
     @property
     def batch_independent(self) -> bool:
@@ -69,6 +68,14 @@ class NormSpec:
 
     def with_(self, **changes) -> NormSpec:
         return replace(self, **changes)
+
+
+def check_group_count(num_channels: int, num_groups: int) -> None:
+    """GroupNorm (and Proxy Norm over it) splits the channels into equal groups: refuse a count that
+    does not divide them, naming both."""
+    if num_channels % num_groups:
+        raise ValueError(f"GroupNorm with {num_groups} groups needs a channel count divisible by {num_groups}; "
+                         f"got {num_channels} channels")
 
 
 def as_norm_spec(norm: Union[NormSpec, str, None]) -> NormSpec:

@@ -68,7 +68,7 @@ def test_proxy_impl_option_sets_every_proxy_layer():
     from norms.proxy import ProxyNormAct
 
     cfg = BenchConfig(model="efficientnet_tiny", norm="layer+proxy", res=32, batch=1, num_classes=10)
-    for impl, want in ((None, "fused"), ("reference", "reference"), ("inplace", "inplace")):
+    for impl, want in ((None, "gn_silu"), ("reference", "reference"), ("inplace", "inplace")):
         model, res = build_model(cfg.with_overrides(f"proxy_impl={impl}"))
         impls = {m.impl for m in model.modules() if isinstance(m, ProxyNormAct)}
         assert impls == {want} and res == 32

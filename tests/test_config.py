@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from ipu_effnet import config as C
-from ipu_effnet.config import Config, ConfigError, dump, load, model_kwargs, norm_spec, write_resolved
+from ipu_effnet.config import Config, ConfigError, dump, load, model_kwargs, write_resolved
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # configs/study/*.yaml are `study` presets (a base recipe plus the matrix), checked in tests/test_study.py
@@ -314,19 +315,34 @@ def test_pipeline_splits_must_match_the_ipus_per_replica():
 # Cross-module checks: norms and models
 
 
-def test_norm_spec_carries_every_field_and_bad_combinations_name_the_norm_section(tmp_path):
+def test_the_norm_section_is_the_norm_spec_and_bad_combinations_name_the_norm_section(tmp_path):
     from norms import NORM_KINDS, NormSpec
 
-    assert C.NORM_KINDS == NORM_KINDS
+    assert C.NORM_KINDS is NORM_KINDS
     cfg = load(None, ["norm.kind=layer", "norm.proxy=true", "norm.eps=1e-5", "norm.proxy_points=64"])
-    assert norm_spec(cfg) == NormSpec(kind="layer", proxy=True, eps=1e-5, proxy_points=64)
+    assert cfg.norm == NormSpec(kind="layer", proxy=True, eps=1e-5, proxy_points=64)
+    assert cfg.norm.label == "layer+proxy"
     path = write(tmp_path / "pn.yaml", "norm: {kind: batch, proxy: true}\n")
     message = error(path)
-    assert message.startswith(f"{path}: invalid 'norm' section") and "Proxy Norm" in message
-    bad = Config()
-    bad.norm.proxy = True  # built by hand, past the loader's check
-    with pytest.raises(ConfigError, match="'norm' section"):
-        norm_spec(bad)
+    assert message.startswith(f"{path}: invalid 'norm' section (kind='batch', proxy=True)") and "Proxy Norm" in message
+    with pytest.raises(ConfigError, match="^phase: invalid 'norm' section \\(proxy=True\\): Proxy Norm needs"):
+        C.replace(Config(), {"norm.proxy": True}, source="phase")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().norm.proxy = True  # a section that was checked stays checked
+
+
+def test_norm_spec_checks_its_fields_from_the_metadata_the_config_reads():
+    from norms import NormSpec
+
+    with pytest.raises(ValueError, match="norm groups must be >= 1, got 0"):
+        NormSpec(groups=0)
+    with pytest.raises(ValueError, match="norm kind 'batchnorm' is not one of batch, group, layer, none"):
+        NormSpec(kind="batchnorm")
+    with pytest.raises(ValueError, match="norm momentum must be <= 1, got 1.5"):
+        NormSpec(momentum=1.5)
+    # the loader reports the same bound with the key and where it was set
+    assert "norm.groups = 0 is out of range; expected >= 1" in error(None, ["norm.groups=0"])
+    assert "norm.momentum = 1.5 is out of range; expected 0 <= value <= 1" in error(None, ["norm.momentum=1.5"])
 
 
 def test_unknown_activation_suggests_the_closest():

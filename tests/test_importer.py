@@ -81,7 +81,7 @@ def test_geffnet_b0_loads_and_computes_the_source_models_function(geffnet_file):
     assert max_diff(src, model, images()) <= 1e-5
     assert max_diff(src, model, images(96)) <= 1e-5
     assert "tensors loaded" in lines[-1]
-    from ipu_effnet.models.fuse import inference_copy  # what export and predict run
+    from ipu_effnet.models.fold import inference_copy  # what export and predict run
 
     assert max_diff(src, inference_copy(model), images()) <= 1e-5
 
@@ -187,7 +187,7 @@ def test_same_padding_rule():
     assert model.model_args["padding"] == "same"
     assert "padding" not in create_model("efficientnet_b0").model_args  # older checkpoints' model_args
     from ipu_effnet.models import create_model_from_args
-    from ipu_effnet.models.fuse import inference_copy
+    from ipu_effnet.models.fold import inference_copy
 
     rebuilt = create_model_from_args(model.model_args)
     assert [n for n, m in rebuilt.named_modules() if isinstance(m, Conv2dSame)] == same

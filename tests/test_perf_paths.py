@@ -16,7 +16,7 @@ from ipu_effnet.data.loader import create_loader
 from ipu_effnet.data.transforms import to_uint8_tensor
 from ipu_effnet.models import create_model
 from ipu_effnet.models.blocks import SqueezeExcite
-from ipu_effnet.models.fuse import fold_batchnorm
+from ipu_effnet.models.fold import fold_batchnorm
 from norms import BatchNormAct2d
 from norms.act import act_fresh
 

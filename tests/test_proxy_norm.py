@@ -155,11 +155,11 @@ def test_implementations_agree_in_values_and_gradients(act):
 
 
 def test_default_implementation_follows_the_activation():
-    assert ProxyNormAct(4, act="silu").impl == "fused"
+    assert ProxyNormAct(4, act="silu").impl == "gn_silu"
     assert ProxyNormAct(4, act="gelu").impl == "inplace"
     assert ProxyNormAct(4, act="relu").impl == "reference"  # ReLU keeps its output for backward
     with pytest.raises(ValueError, match="SiLU only"):
-        ProxyNormAct(4, act="gelu", impl="fused")
+        ProxyNormAct(4, act="gelu", impl="gn_silu")
     with pytest.raises(ValueError, match="keeps its output"):
         ProxyNormAct(4, act="sigmoid", impl="inplace")
     with pytest.raises(ValueError, match="expected one of"):
@@ -177,7 +177,7 @@ def test_statistics_do_not_depend_on_the_input_and_gradients_reach_all_parameter
     # the fast statistics node against the plain definition, with gradients
     params = [p.detach().double().requires_grad_() for p in (m.weight, m.bias, m.proxy_weight, m.proxy_bias)]
     points = standard_normal_quantiles(200, dtype=torch.float64)
-    fast = proxy_scale_shift(*params, points, nn.SiLU(), 0.03, impl="fused")
+    fast = proxy_scale_shift(*params, points, nn.SiLU(), 0.03, impl="gn_silu")
     mean, var = proxy_moments(*params, points, nn.SiLU())
     slow = (torch.rsqrt(var + 0.03), -mean * torch.rsqrt(var + 0.03))
     w = torch.randn(2, 8, dtype=torch.float64)
@@ -214,7 +214,7 @@ def test_under_poptorch_tracing_only_plain_ops_run(monkeypatch):
     import types
 
     m = _perturb(ProxyNormAct(8, 2))
-    assert m.impl == "fused"
+    assert m.impl == "gn_silu"
     x = torch.randn(2, 8, 3, 3)
     fast = m(x)
     assert type(fast.grad_fn).__name__.startswith("_GroupNormSiLUScaleShift")
@@ -251,7 +251,7 @@ def test_fused_mbconv_placement():
     from ipu_effnet.models.blocks import FusedMBConv
     from ipu_effnet.models.builder import BlockArgs
 
-    args = BlockArgs(block="fused", in_chs=8, out_chs=8, mid_chs=32, kernel=3, stride=1, groups=1, se_chs=0,
+    args = BlockArgs(block="gn_silu", in_chs=8, out_chs=8, mid_chs=32, kernel=3, stride=1, groups=1, se_chs=0,
                      drop_path_rate=0.0, path="blocks.0.0")
     block = FusedMBConv(args, NormSpec(kind="group", groups=4, proxy=True), "silu")
     assert isinstance(block.norm1, ProxyNormAct) and block.norm1.num_groups == 4
@@ -352,13 +352,13 @@ def test_proxy_recipes_are_their_base_recipe_plus_proxy_norm(model, short):
     import dataclasses
     from pathlib import Path
 
-    from ipu_effnet.config import load, norm_spec
+    from ipu_effnet.config import load
 
     configs = Path(__file__).resolve().parent.parent / "configs"
     with_pn = load(configs / f"efficientnet-{model}-g16-{short}pn.yaml")
     base = load(configs / f"efficientnet-{model}-g16-{short}.yaml")
-    assert norm_spec(with_pn) == norm_spec(base).with_(proxy=True, proxy_eps=PROXY_EPS, proxy_points=200)
-    assert norm_spec(with_pn).kind == {"ln": "layer", "gn": "group"}[short]
+    assert with_pn.norm == base.norm.with_(proxy=True, proxy_eps=PROXY_EPS, proxy_points=200)
+    assert with_pn.norm.kind == {"ln": "layer", "gn": "group"}[short]
     assert dataclasses.replace(with_pn, norm=base.norm) == base  # nothing else differs
 
 

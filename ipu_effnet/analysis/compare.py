@@ -31,9 +31,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ipu_effnet.errors import UsageError
 
-NORM_ALIASES = {  # --norms short names for the matrix
-    "bn": ("batch", False), "gn": ("group", False), "ln": ("layer", False),
-    "gnpn": ("group", True), "lnpn": ("layer", True), "none": ("none", False),
+
+@dataclass(frozen=True)
+class MatrixNorm:
+    """One `--norms` short name of a matrix (`compare --matrix`, `study`): the norm section it sets and
+    the label tables and plots print."""
+
+    kind: str
+    proxy: bool
+    label: str
+
+    @property
+    def overrides(self) -> List[str]:
+        return [f"norm.kind={self.kind}", f"norm.proxy={str(self.proxy).lower()}"]
+
+
+MATRIX_NORMS = {
+    "bn": MatrixNorm("batch", False, "BN"), "gn": MatrixNorm("group", False, "GN"),
+    "ln": MatrixNorm("layer", False, "LN"), "gnpn": MatrixNorm("group", True, "GN+PN"),
+    "lnpn": MatrixNorm("layer", True, "LN+PN"), "none": MatrixNorm("none", False, "none"),
 }
 
 
@@ -102,14 +118,13 @@ def matrix_recipes(base: str, norms: Sequence[str], kinds: Sequence[str]) -> Lis
         raise UsageError(f"--base {base}: no such file")
     out = []
     for norm in norms:
-        if norm not in NORM_ALIASES:
-            raise UsageError(f"--norms {norm!r}: expected some of {', '.join(NORM_ALIASES)}")
-        kind_name, proxy = NORM_ALIASES[norm]
+        if norm not in MATRIX_NORMS:
+            raise UsageError(f"--norms {norm!r}: expected some of {', '.join(MATRIX_NORMS)}")
         for kind in kinds:
             if kind not in RECIPES:
                 raise UsageError(f"--kinds {kind!r}: expected some of {', '.join(RECIPES)}")
             out.append(Recipe(f"{Path(base).stem}-{norm}-{kind}", base,
-                              [f"norm.kind={kind_name}", f"norm.proxy={str(proxy).lower()}", f"recipe={kind}"]))
+                              MATRIX_NORMS[norm].overrides + [f"recipe={kind}"]))
     return out
 
 
@@ -419,7 +434,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         rows.append({
             "recipe": recipe.name,
             "model": summary.get("model") or ckpt["model_args"].get("name"),
-            "norm": summary.get("norm") or (cfg.norm.kind + ("+proxy" if cfg.norm.proxy else "")),
+            "norm": summary.get("norm") or cfg.norm.label,
             "kind": summary.get("recipe") or cfg.recipe,
             "params": cost_train["params"] / 1e6,
             **res,

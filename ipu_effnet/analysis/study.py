@@ -31,13 +31,23 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ipu_effnet.analysis.compare import MATRIX_NORMS
 from ipu_effnet.errors import UsageError
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "study"
 PRESET_KEYS = ("description", "base", "norms", "kinds", "seeds", "resolutions", "overrides", "kind_overrides",
                "norm_overrides")
-NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "gnpn": "GN+PN", "lnpn": "LN+PN", "none": "none"}
 KIND_LABELS = {"native": "native", "halfres": "half-res + FT", "progressive": "progressive"}
+
+
+def norm_label(norm: str) -> str:
+    """"LN+PN" for "lnpn": the matrix's label, or the name itself where the matrix has none."""
+    return MATRIX_NORMS[norm].label if norm in MATRIX_NORMS else norm
+
+
+def recipe_label(norm: str, kind: str) -> str:
+    """"LN+PN half-res + FT": what tables and plots call one recipe of the study."""
+    return f"{norm_label(norm)} {KIND_LABELS.get(kind, kind)}"
 
 # Per-run quantities summarised over seeds (mean, std): study.csv has <key>_mean and <key>_std.
 SUMMARY_METRICS = ("top1", "best_resolution", "best_top1", "train_images_per_sec", "run_train_images_per_sec",
@@ -125,7 +135,6 @@ def preset_path(name: str) -> Path:
 
 def load_preset(name: str) -> Preset:
     """Read and check a preset file: unknown keys, bad norms or kinds fail with one line."""
-    from ipu_effnet.analysis.compare import NORM_ALIASES
     from ipu_effnet.config import RECIPES
 
     path = preset_path(name)
@@ -157,7 +166,7 @@ def load_preset(name: str) -> Preset:
             raise UsageError(f"{path}: resolutions must be a list of sizes >= 8 px, got {res!r}")
         preset.resolutions = sorted(set(res))
     preset.overrides = _str_list(data.get("overrides") or [], f"{path}: overrides")
-    for key, allowed, label in (("kind_overrides", RECIPES, "kind"), ("norm_overrides", tuple(NORM_ALIASES), "norm")):
+    for key, allowed, label in (("kind_overrides", RECIPES, "kind"), ("norm_overrides", tuple(MATRIX_NORMS), "norm")):
         section = data.get(key) or {}
         if not isinstance(section, dict):
             raise UsageError(f"{path}: {key} must map a {label} to a list of KEY=VALUE overrides")
@@ -170,14 +179,13 @@ def load_preset(name: str) -> Preset:
 
 
 def check_matrix(norms: Sequence[str], kinds: Sequence[str], where: str) -> None:
-    from ipu_effnet.analysis.compare import NORM_ALIASES
     from ipu_effnet.config import RECIPES
 
     if not norms or not kinds:
         raise UsageError(f"{where}: a study needs at least one norm and one recipe kind")
     for n in norms:
-        if n not in NORM_ALIASES:
-            raise UsageError(f"{where}: norm {n!r}: expected some of {', '.join(NORM_ALIASES)}")
+        if n not in MATRIX_NORMS:
+            raise UsageError(f"{where}: norm {n!r}: expected some of {', '.join(MATRIX_NORMS)}")
     for k in kinds:
         if k not in RECIPES:
             raise UsageError(f"{where}: recipe kind {k!r}: expected some of {', '.join(RECIPES)}")
@@ -203,7 +211,6 @@ def plan_study(preset: Preset, data: str, seeds: Optional[int] = None, norms: Op
                kinds: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
                resolutions: Optional[Sequence[int]] = None) -> StudyPlan:
     """The runs of a study: `norms` x `kinds` x seeds 0..seeds-1 (None: the preset's)."""
-    from ipu_effnet.analysis.compare import NORM_ALIASES
 
     norms = list(norms) if norms else list(preset.norms)
     kinds = list(kinds) if kinds else list(preset.kinds)
@@ -219,10 +226,9 @@ def plan_study(preset: Preset, data: str, seeds: Optional[int] = None, norms: Op
     classes = count_classes(data)
     runs = []
     for norm in norms:
-        kind_name, proxy = NORM_ALIASES[norm]
         for kind in kinds:
             for seed in range(seeds):
-                own = [f"norm.kind={kind_name}", f"norm.proxy={str(proxy).lower()}", f"recipe={kind}"]
+                own = MATRIX_NORMS[norm].overrides + [f"recipe={kind}"]
                 own += preset.kind_overrides.get(kind, []) + preset.norm_overrides.get(norm, [])
                 own.append(f"train.seed={seed}")
                 runs.append(StudyRun(f"{norm}-{kind}-s{seed}", f"{norm}-{kind}", norm, kind, seed, own))
@@ -367,19 +373,19 @@ def claims_for(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         claims.append({"id": f"{a}-vs-{b}", "claim": text, "metric": "top1", "a": f"{a}-native",
                        "b": f"{b}-native", "sign": 1, "unit": "points"})
     for norm in norms:
-        label = NORM_LABELS.get(norm, norm)
+        label = norm_label(norm)
         claims.append({"id": f"halfres-vs-native-{norm}", "metric": "top1", "a": f"{norm}-halfres",
                        "b": f"{norm}-native", "sign": 1, "unit": "points",
                        "claim": f"{label}: half-res training + fine-tune beats native training at the native test "
                                 "resolution (Masters et al., section on half-resolution training)"})
     for norm in norms:
-        label = NORM_LABELS.get(norm, norm)
+        label = norm_label(norm)
         claims.append({"id": f"fixres-{norm}", "metric": "resolution_gap", "a": f"{norm}-native", "b": None,
                        "sign": 1, "unit": "px",
                        "claim": f"{label} native: the best test resolution lies above the training resolution "
                                 "(FixRes, Touvron et al.)"})
     for norm in norms:
-        label = NORM_LABELS.get(norm, norm)
+        label = norm_label(norm)
         claims.append({"id": f"halfres-speed-{norm}", "metric": "train_images_per_sec", "a": f"{norm}-halfres",
                        "b": f"{norm}-native", "sign": 1, "unit": "img/s",
                        "claim": f"{label}: half-res training runs faster than native training (about half the "

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from ipu_effnet.analysis.study import (
-    KIND_LABELS,
-    NORM_LABELS,
     RUN_COLUMNS,
     STUDY_COLUMNS,
     VERDICT_RULE,
     StudyPlan,
     StudyResult,
+    recipe_label,
 )
 
 
@@ -37,7 +36,7 @@ def format_study_table(recipes: Sequence[Dict[str, Any]]) -> str:
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     lines = [header, rule]
     for r in recipes:
-        label = f"{NORM_LABELS.get(r['norm'], r['norm'])} {KIND_LABELS.get(r['kind'], r['kind'])}"
+        label = recipe_label(r["norm"], r["kind"])
         lines.append("| " + " | ".join([
             label, str(r["seeds"]), _num(r["train_resolution"], "{}"), _num(r["test_resolution"], "{}"),
             _pm(r["top1_mean"], r["top1_std"], "{:.1f}", 100.0),
@@ -103,8 +102,7 @@ def write_study(out_dir: Path, plan: StudyPlan, runs: Sequence[Dict[str, Any]], 
     findings_md = out_dir / "findings.md"
     findings_md.write_text(format_findings(findings), encoding="utf-8")
     files["findings.md"] = findings_md
-    label = {r["recipe"]: f"{NORM_LABELS.get(r['norm'], r['norm'])} {KIND_LABELS.get(r['kind'], r['kind'])}"
-             for r in recipes}
+    label = {r["recipe"]: recipe_label(r["norm"], r["kind"]) for r in recipes}
     files["accuracy_vs_resolution.png"] = plot_accuracy_bands(
         [(label[r["recipe"]], sweeps.get(r["recipe"], []), r["train_resolution"]) for r in recipes],
         out_dir / "accuracy_vs_resolution.png",

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                         help="inference: run the plain eval model (default: BatchNorm folded into the convolution "
-                             "and Proxy Norm's statistics frozen, models/fuse.py)")
-    parser.add_argument("--proxy-impl", choices=("fused", "inplace", "reference"), default=None,
+                             "and Proxy Norm's statistics frozen, models/fold.py)")
+    parser.add_argument("--proxy-impl", choices=("gn_silu", "inplace", "reference"), default=None,
                         help="how Proxy Norm's per-element step runs (norms/proxy_ops.py; default: the fastest valid)")
     parser.add_argument("--data-path", default=None,
                         help="data mode: an ImageNet-style folder (train/<class>/<image>); default: generated JPEGs")

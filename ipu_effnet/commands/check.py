@@ -76,7 +76,7 @@ def resolve(config_path: str, overrides: Sequence[str]):
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.backends import DistInfo, batch_layout
-    from ipu_effnet.config import dump, norm_spec, write_resolved
+    from ipu_effnet.config import dump, write_resolved
     from ipu_effnet.models.profile import profile_model
 
     cfg, model, resolution = resolve(args.config, args.overrides)
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "config": args.config,
         "overrides": list(args.overrides),
         "model": cfg.model.name,
-        "norm": norm_spec(cfg).label,
+        "norm": cfg.norm.label,
         "recipe": cfg.recipe,
         "backend": cfg.backend,
         "resolution": resolution,

@@ -84,6 +84,7 @@ def family_table(norm: str = "batch") -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ipu_effnet.models.profile import profile_model, stage_table
+    from norms import NormSpec
 
     if args.list:
         print(list_models_text())
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     norm = margs["norm"]
-    norm_txt = norm["kind"] + ("+proxy" if norm["proxy"] else "")
+    norm_txt = NormSpec(**norm).label
     print(f"{args.model}: norm {norm_txt}, group size {margs['group_size']}, "
           f"expansion {margs['expand_ratio'] or 'as the table'}, drop rate {margs['drop_rate']}")
     print(f"params {profile.params:,}   GMACs {profile.gmacs:.3f} at {res}x{res} "

@@ -19,7 +19,7 @@ Adding a field is one line in its section in `schema`: `name: Type = option(defa
 ge=...)`. Types are the ones `validation._coerce` knows: str, int, float, bool, Optional[...] of
 those, List[...] of those.
 
-Modules: `schema` (the dataclasses, `option`, `ConfigError`, the choice tuples, `norm_spec`,
+Modules: `schema` (the dataclasses, `option`, `ConfigError`, the choice tuples,
 `model_kwargs`), `loading` (YAML files, `base:` inheritance, overrides, `dump`, `write_resolved`),
 `validation` (the dict tree -> dataclasses: coercion, unknown keys, the cross-field checks).
 """
@@ -35,7 +35,6 @@ from ipu_effnet.config.schema import (
     INIT_FORMATS,
     JPEG_DECODERS,
     LR_SCHEDULES,
-    NORM_KINDS,
     OPTIMIZERS,
     PADDINGS,
     PIPELINE_SCHEDULES,
@@ -50,13 +49,12 @@ from ipu_effnet.config.schema import (
     IpuConfig,
     LoggingConfig,
     ModelConfig,
-    NormConfig,
     TrainConfig,
     model_kwargs,
-    norm_spec,
     option,
 )
 from ipu_effnet.config.validation import replace
+from norms.spec import NORM_KINDS  # the norm section's kinds, where the norm section is defined
 
 __all__ = [
     "BACKENDS",
@@ -82,13 +80,11 @@ __all__ = [
     "IpuConfig",
     "LoggingConfig",
     "ModelConfig",
-    "NormConfig",
     "TrainConfig",
     "apply_overrides",
     "dump",
     "load",
     "model_kwargs",
-    "norm_spec",
     "option",
     "parse_override",
     "write_resolved",

@@ -1,5 +1,6 @@
 """The config tree: one dataclass per section, `option` (a field's default and checks), `ConfigError`,
-the allowed strings of each choice, and what the tree turns into (`norm_spec`, `model_kwargs`).
+the allowed strings of each choice, and what the tree turns into (`model_kwargs`). The `norm` section is
+`norms.NormSpec` itself.
 
 Adding a field is one line in its section: `name: Type = option(default, choices=..., ge=...)`.
 """
@@ -10,15 +11,12 @@ import copy
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ipu_effnet.errors import UsageError
-
-if TYPE_CHECKING:  # norms imports torch: only when a NormSpec is actually built
-    from norms import NormSpec
+from norms.spec import NormSpec  # the `norm` section; torch-free, like the rest of the tree
 
 # Allowed strings, one tuple per choice so that other modules can dispatch on the same names.
-NORM_KINDS = ("batch", "group", "layer", "none")
 DATASETS = ("imagenet", "generated", "digits")
 OPTIMIZERS = ("rmsprop_tf", "sgd", "adamw")
 LR_SCHEDULES = ("exponential", "cosine", "constant")
@@ -77,17 +75,6 @@ class ModelConfig:
     padding: str = option("symmetric", choices=PADDINGS)  # strided convolutions: symmetric k // 2, or TensorFlow's SAME
     init_from: Optional[str] = None  # a state dict file to start from (models/importer.py); not used when resuming
     init_format: str = option("auto", choices=INIT_FORMATS)  # the file's parameter names and numerics
-
-
-@dataclass
-class NormConfig:
-    kind: str = option("batch", choices=NORM_KINDS)
-    groups: int = option(4, ge=1)  # GroupNorm groups (Graphcore's G16 configs: 4)
-    eps: float = option(1e-3, gt=0)
-    momentum: float = option(0.01, ge=0, le=1)  # BatchNorm running statistics, PyTorch convention
-    proxy: bool = False  # Proxy Norm after the activation (group and layer only)
-    proxy_eps: float = option(0.03, gt=0)
-    proxy_points: int = option(200, ge=2)
 
 
 @dataclass
@@ -195,7 +182,7 @@ class Config:
     recipe: str = option("native", choices=RECIPES)
     backend: str = option("auto", choices=BACKENDS)
     model: ModelConfig = field(default_factory=ModelConfig)
-    norm: NormConfig = field(default_factory=NormConfig)
+    norm: NormSpec = field(default_factory=NormSpec)  # norms.NormSpec: its fields carry their checks
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -219,19 +206,6 @@ class Config:
 # What the tree turns into
 
 
-def norm_spec(cfg: Config, source: str = "<config>") -> NormSpec:
-    """The config's `norms.NormSpec`; a bad combination (e.g. proxy with batch) raises ConfigError."""
-    from norms import NormSpec
-
-    n = cfg.norm
-    try:
-        return NormSpec(kind=n.kind, groups=n.groups, eps=n.eps, momentum=n.momentum, proxy=n.proxy,
-                        proxy_eps=n.proxy_eps, proxy_points=n.proxy_points)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: invalid 'norm' section (kind={n.kind!r}, proxy={n.proxy!r}, "
-                          f"groups={n.groups!r}): {exc}") from None
-
-
 def model_kwargs(cfg: Config) -> Tuple[str, Dict[str, Any]]:
     """(name, kwargs) for `ipu_effnet.models.create_model(name, **kwargs)`: explicit constructor
     arguments, so models never see the config. Optional arguments appear only when set."""
@@ -241,7 +215,7 @@ def model_kwargs(cfg: Config) -> Tuple[str, Dict[str, Any]]:
         "in_chans": m.in_chans,
         "act": m.act,
         "drop_path_rate": m.drop_path_rate,
-        "norm": norm_spec(cfg),
+        "norm": cfg.norm,
     }
     for key in ("group_size", "expand_ratio", "drop_rate"):
         if getattr(m, key) is not None:

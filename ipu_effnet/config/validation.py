@@ -13,7 +13,7 @@ import re
 import typing
 from typing import Any, Dict, List, Union
 
-from ipu_effnet.config.schema import Config, ConfigError, norm_spec
+from ipu_effnet.config.schema import Config, ConfigError
 
 
 class Origins:
@@ -89,7 +89,17 @@ def _build(cls: type, data: Any, prefix: str, where: Origins) -> Any:
             kwargs[name] = _build(tp, data[name], dotted + ".", where)
         else:
             kwargs[name] = _coerce(tp, data[name], dotted, where(dotted), f.metadata)
-    return cls(**kwargs)
+    return _construct(cls, kwargs, prefix[:-1], where(prefix[:-1]))
+
+
+def _construct(cls: type, kwargs: Dict[str, Any], section: str, where: str, base: Any = None) -> Any:
+    """`cls(**kwargs)` (or `base` with `kwargs` replaced), with a section's own check of its fields
+    together (`norms.NormSpec`: Proxy Norm needs a group or layer kind) as a ConfigError naming it."""
+    try:
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+    except ValueError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"{where}: invalid {section!r} section ({given}): {exc}") from None
 
 
 def build_config(tree: Dict[str, Any], where: Origins) -> Config:
@@ -112,7 +122,8 @@ def replace(cfg: Config, changes: Dict[str, Any], source: str = "<derived>") -> 
         f = {f.name: f for f in dataclasses.fields(owner)}[key]
         fields.setdefault(section, {})[key] = _coerce(_hints(type(owner))[key], value, dotted, source, f.metadata)
     top = fields.pop("")
-    sections = {name: dataclasses.replace(getattr(cfg, name), **kv) for name, kv in fields.items()}
+    sections = {name: _construct(type(getattr(cfg, name)), kv, name, source, base=getattr(cfg, name))
+                for name, kv in fields.items()}
     new = dataclasses.replace(cfg, **top, **sections)
     _check_config(new, Origins({}, source))
     return new
@@ -218,7 +229,6 @@ def _check_config(cfg: Config, where: Origins) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where('model.act')}: model.act = {cfg.model.act!r} is not one of "
                           f"{', '.join(map(repr, ACT_NAMES))}{hint}")
-    norm_spec(cfg, source=where("norm"))
 
     ipu = cfg.ipu
     splits = ipu.pipeline_splits

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ipu_effnet.backends import DistInfo, batch_layout, join, open_runner, resolve_backend
-from ipu_effnet.config import Config, dump, model_kwargs, norm_spec, write_resolved
+from ipu_effnet.config import Config, dump, model_kwargs, write_resolved
 from ipu_effnet.data import create_dataset, create_loader
 from ipu_effnet.errors import UsageError
 from ipu_effnet.models import create_model
@@ -257,7 +257,7 @@ class PhaseRun:
             self.say(f"{self.phase.name}: {params - self.trainable:,} parameters frozen in {self.frozen[0]} ... "
                      f"{self.frozen[-1]}; {self.trainable:,} train")
         sizes = " -> ".join(str(s.resolution) for s in self.stages)
-        self.say(f"{self.phase.name}: {self.name} ({norm_spec(self.cfg).label}), {params:,} params, {sizes} px; "
+        self.say(f"{self.phase.name}: {self.name} ({self.cfg.norm.label}), {params:,} params, {sizes} px; "
                  f"{len(self.train_set)} training images, global batch {self.layout.global_batch} "
                  f"({self.cfg.train.micro_batch} x {self.cfg.train.grad_accum} x {self.info.shard[1]}), "
                  f"{self.total_steps} steps on {self.device}")
@@ -397,7 +397,7 @@ def finish(ph: PhaseRun, val: Dict[str, float], train_time: float, train_images:
         "recipe": cfg.recipe,
         "phase": ph.phase.name,
         "model": ph.name,
-        "norm": norm_spec(cfg).label,
+        "norm": cfg.norm.label,
         "params": ph.params,
         "resolution": ph.stages[-1].resolution,
         "eval_resolution": ph.eval_res,

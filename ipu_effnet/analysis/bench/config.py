@@ -54,7 +54,7 @@ class BenchConfig:
     device: str = "cpu"
     precision: str = "fp32"  # bf16 / fp16: autocast (fp16 on CUDA only, with loss scaling in training); weights stay fp32
     impl: str = "ours"
-    fold_bn: bool = True  # inference: BatchNorm folded, Proxy Norm's statistics frozen (models/fuse.py)
+    fold_bn: bool = True  # inference: BatchNorm folded, Proxy Norm's statistics frozen (models/fold.py)
     compile: bool = False  # torch.compile the model (torch >= 2.0)
     data_path: Optional[str] = None
     preprocess: str = "train"

@@ -30,17 +30,17 @@ def train_workload(cfg: BenchConfig) -> Workload:
 
 def inference_model(model, cfg: BenchConfig):
     """The eval-mode model inference runs: ours with BatchNorm folded into the convolutions and Proxy
-    Norm's statistics frozen (`models.fuse.inference_copy`) unless fold_bn=False."""
+    Norm's statistics frozen (`models.fold.inference_copy`) unless fold_bn=False."""
     model.eval()
     if cfg.fold_bn and cfg.impl == "ours":
-        from ipu_effnet.models.fuse import inference_copy
+        from ipu_effnet.models.fold import inference_copy
 
         model = inference_copy(model)
     return model
 
 
 def infer_workload(cfg: BenchConfig) -> Workload:
-    """Forward only, eval mode, under torch.no_grad() (models.fuse.inference_copy unless fold_bn=False)."""
+    """Forward only, eval mode, under torch.no_grad() (models.fold.inference_copy unless fold_bn=False)."""
     import torch
 
     model, res = build_model(cfg)

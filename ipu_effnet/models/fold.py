@@ -3,11 +3,11 @@ Proxy Norm's statistics computed once (`inference_copy` does both).
 
 In eval mode BatchNorm is a fixed per-channel affine, y = (x - mean) / sqrt(var + eps) * gamma + beta,
 so a convolution followed by it equals one convolution with weight W * s and bias beta - mean * s
-(s = gamma / sqrt(var + eps), per output channel). Our norm modules fuse normalisation and
+(s = gamma / sqrt(var + eps), per output channel). Our norm modules combine normalisation and
 activation (norms/layers.py), so a folded site becomes conv-with-bias followed by the module's own
 activation; the BatchNorm pass over the activations disappears.
 
-    from ipu_effnet.models.fuse import inference_copy
+    from ipu_effnet.models.fold import inference_copy
     fast = inference_copy(model)   # an eval-only copy; `model` is left as it was
 
 Proxy Norm's scale and shift (norms/proxy.py) depend on its parameters only, so once a model no longer

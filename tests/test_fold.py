@@ -1,4 +1,4 @@
-"""ipu_effnet/models/fuse.py: BatchNorm folded into the preceding convolution equals the eval model."""
+"""ipu_effnet/models/fold.py: BatchNorm folded into the preceding convolution equals the eval model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 from ipu_effnet.models import create_model
 from ipu_effnet.models.blocks import FusedMBConv
 from ipu_effnet.models.builder import BlockArgs
-from ipu_effnet.models.fuse import count_batchnorm, fold_batchnorm
+from ipu_effnet.models.fold import count_batchnorm, fold_batchnorm
 from norms import NormSpec
 
 
@@ -71,7 +71,7 @@ def test_models_without_batchnorm_keep_their_norms():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layer+proxy", "group+proxy"])
 def test_frozen_proxy_norm_gives_the_live_outputs_without_recomputing_its_statistics(kind, monkeypatch):
-    from ipu_effnet.models.fuse import inference_copy
+    from ipu_effnet.models.fold import inference_copy
     from norms.proxy import FrozenProxyNormAct, ProxyNormAct
 
     torch.manual_seed(0)
