@@ -40,12 +40,8 @@ class DistInfo:
         return (self.rank if self.shard_rank is None else self.shard_rank), self.world_size
 
     def all_reduce_sum(self, values: Dict[str, float]) -> Dict[str, float]:
+        """Counts summed over the data shards (evaluation, stop requests); the values themselves alone."""
         return values if self.world_size == 1 else self.collectives.all_reduce_sum(values)
-
-    @property
-    def reduce(self) -> Optional[Callable[[Dict[str, float]], Dict[str, float]]]:
-        """The sum over data shards for evaluation counts; None alone."""
-        return self.collectives.all_reduce_sum if self.world_size > 1 else None
 
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -210,7 +210,7 @@ class PhaseRun:
         return stage
 
     def evaluate(self) -> Dict[str, float]:
-        return self.runner.evaluate_loader(self.val_loader, reduce=self.info.reduce, batches=self.val_batches)
+        return self.runner.evaluate_loader(self.val_loader, reduce=self.info.all_reduce_sum, batches=self.val_batches)
 
     def save(self, epoch_mark: float, extra: Dict[str, Any]) -> Path:
         """Write a checkpoint at epoch `epoch_mark` and the current step (main process); the previous one
