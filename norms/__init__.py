@@ -34,6 +34,10 @@ def __getattr__(name: str) -> Any:
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_TORCH_NAMES))
+
 __all__ = [
     "ACT_NAMES",
     "BATCH_INDEPENDENT_KINDS",

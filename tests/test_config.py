@@ -453,3 +453,15 @@ def test_replace_checks_values_keys_and_cross_field_rules_naming_its_source():
         C.replace(cfg, {"recipe": "halfres", "model.resolution": 100, "finetune.resolution": 224})
     with pytest.raises(ConfigError, match="too small for mixup"):
         C.replace(cfg, {"train.mixup_alpha": 0.2, "train.micro_batch": 1})
+
+
+def test_the_config_and_the_norm_spec_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, ipu_effnet.config, norms; "
+            "print('torch' in sys.modules, 'GroupNormAct' in dir(norms), norms.NormSpec(kind='layer').label); "
+            "norms.GroupNormAct; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert out == ["False", "True", "layer", "True"]

@@ -211,7 +211,6 @@ def plan_study(preset: Preset, data: str, seeds: Optional[int] = None, norms: Op
                kinds: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
                resolutions: Optional[Sequence[int]] = None) -> StudyPlan:
     """The runs of a study: `norms` x `kinds` x seeds 0..seeds-1 (None: the preset's)."""
-
     norms = list(norms) if norms else list(preset.norms)
     kinds = list(kinds) if kinds else list(preset.kinds)
     check_matrix(norms, kinds, "study")
