@@ -277,6 +277,7 @@ def test_create_dataset_generated_sizes_and_classes():
 # digits
 
 
+@pytest.mark.slow
 def test_digits_split_and_upsampling():
     train_idx, val_idx = digits_split()
     assert len(train_idx) + len(val_idx) == 1797

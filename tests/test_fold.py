@@ -26,6 +26,7 @@ def _randomise_bn(model: nn.Module) -> None:
             m.bias.data.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_folded_model_equals_the_eval_model(channels_last):
     torch.manual_seed(0)

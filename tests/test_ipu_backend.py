@@ -308,6 +308,7 @@ def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
         runner.step(*batch(8))
 
 
+@pytest.mark.slow
 def test_mixing_coefficients_are_drawn_on_the_host(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -319,6 +320,7 @@ def test_mixing_coefficients_are_drawn_on_the_host(poptorch):
     assert runner.step(*batch(8))["samples"] == 8
 
 
+@pytest.mark.slow
 def test_half_precision_keeps_proxy_statistics_and_loss_in_fp32(poptorch):
     from ipu_effnet.backends import prepare
     from norms.proxy import ProxyNormAct
@@ -381,6 +383,7 @@ def test_set_optimizer_only_when_the_lr_changes(poptorch):
     assert runner.executor.set_optimizer_calls[-1] == [0.002, 0.002]
 
 
+@pytest.mark.slow
 def test_inference_runs_through_an_inference_model(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -395,6 +398,7 @@ def test_inference_runs_through_an_inference_model(poptorch):
     assert not runner.executor.isAttachedToDevice()  # the training program let go of the IPUs
 
 
+@pytest.mark.slow
 def test_evaluate_loader_pads_the_last_batch_and_counts_every_sample(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -446,6 +450,7 @@ def test_the_package_never_imports_the_double():
         assert "poptorch_double" not in path.read_text(), path
 
 
+@pytest.mark.slow
 def test_bn_recalibration_is_a_logged_skip_on_the_ipu_backend(poptorch, tmp_path):
     """Recomputing the average's BatchNorm statistics would need a third poptorch program: the loop says
     it skips, and the summary and checkpoint say the statistics are the averaged ones."""
@@ -462,6 +467,7 @@ def test_bn_recalibration_is_a_logged_skip_on_the_ipu_backend(poptorch, tmp_path
     assert not load_checkpoint(latest_checkpoint(tmp_path))["averagers"]["epoch"]["bn_stats"]
 
 
+@pytest.mark.slow
 def test_the_training_loop_runs_on_the_ipu_backend(poptorch, tmp_path):
     """train() with backend=ipu: the runner, host-side weight sync, evaluation and checkpoints, end to end
     through the double (which runs the model eagerly on the CPU)."""
@@ -484,6 +490,7 @@ def test_the_training_loop_runs_on_the_ipu_backend(poptorch, tmp_path):
     assert "classifier.weight" in changed and len(changed) > len(initial) // 2
 
 
+@pytest.mark.slow
 def test_a_resumed_ipu_run_carries_the_device_optimiser_state(poptorch, tmp_path):
     """The poptorch optimiser's state lives on the device; checkpoints hold it ("ipu_state") and a resumed
     run loads it back, so momentum survives: resuming from epoch 1 ends bitwise where the straight run did."""
@@ -560,6 +567,7 @@ def test_two_poprun_instances_report_metrics_over_both_shards(tmp_path):
 # The device lifecycle (the double in hardware mode: one attached program per set of IPUs)
 
 
+@pytest.mark.slow
 def test_train_evaluate_train_hands_the_ipus_over(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -580,6 +588,7 @@ def test_train_evaluate_train_hands_the_ipus_over(poptorch):
         runner.step(images, labels)
 
 
+@pytest.mark.slow
 def test_evaluation_sees_the_trained_weights(poptorch):
     """The inference program gets the training program's weights through the host (detach, attach)."""
     from ipu_effnet.backends import prepare

@@ -33,6 +33,7 @@ def cost_model(name: str, stages: int, micro_batch: int = 1, amp=(0.15,)):
                             grad_accum=8, stages=stages, available_memory_proportion=amp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [2, 4, 8])
 @pytest.mark.parametrize("variant", [f"efficientnet_b{i}{g}" for i in range(8) for g in ("", "_g16")])
 def test_slowest_stage_within_bound_or_explained(variant, stages):
@@ -94,6 +95,7 @@ def _plan_json(capsys, config, *extra):
     ("efficientnet-b4-g16-gn.yaml", 4, 2, ["blocks.3.0.conv_dw"]),
     ("efficientnet-b4-g1-bn.yaml", 4, 4, ["blocks.1.1", "blocks.3.0", "blocks.4.5"]),
 ])
+@pytest.mark.slow
 def test_published_configs_fit(capsys, config, micro_batch, ipus, splits):
     out = _plan_json(capsys, config)
     configured = out["configured"]

@@ -110,6 +110,7 @@ def _gradcheck_module(module: nn.Module, x: torch.Tensor) -> bool:
     return torch.autograd.gradcheck(f, (x.detach().clone().requires_grad_(),) + params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -124,6 +125,7 @@ def test_gradcheck_float64_all_four_parameters(impl, groups, channels_last):
     assert _gradcheck_module(m, x)
 
 
+@pytest.mark.slow
 def test_gradcheck_scale_only_norm_and_reference_is_twice_differentiable():
     assert _gradcheck_module(_perturb(GroupNormScale(6, 3).double()), torch.randn(2, 6, 3, 3, dtype=torch.float64))
     m = _perturb(ProxyNormAct(4, impl="reference").double())
@@ -276,6 +278,7 @@ def _alone_vs_in_batch(model: nn.Module, batch: int = 7, res: int = 32) -> float
     return (together - alone).abs().max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", BATCH_INDEPENDENT, ids=lambda n: n.kind + ("+proxy" if n.proxy else ""))
 def test_batch_independent_kinds_in_training_mode(norm):
     assert norm.batch_independent
@@ -283,6 +286,7 @@ def test_batch_independent_kinds_in_training_mode(norm):
     assert _alone_vs_in_batch(model) < 1e-5
 
 
+@pytest.mark.slow
 def test_batchnorm_is_batch_dependent_in_training_mode():
     model = _tiny(NormSpec(kind="batch"))
     assert not NormSpec(kind="batch").batch_independent
@@ -299,6 +303,7 @@ def test_batchnorm_is_batch_dependent_in_training_mode():
 
 # --- precision, checkpoints ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_half_model_keeps_fp32_statistics_and_runs_forward_and_backward():
     model = _perturb(_tiny(NormSpec(kind="layer", proxy=True)), scale=0.05)
     reference = copy.deepcopy(model)
@@ -326,6 +331,7 @@ def test_half_model_keeps_fp32_statistics_and_runs_forward_and_backward():
     assert torch.equal(proxies[0].proxy_points, standard_normal_quantiles(200))
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_reproduces_outputs_exactly():
     model = _perturb(_tiny(NormSpec(kind="group", groups=4, proxy=True)), scale=0.05)
     buf = io.BytesIO()
@@ -400,6 +406,7 @@ def test_batched_statistics_equal_each_layers_own_values_and_gradients(impl):
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", [NormSpec(kind="layer", proxy=True), NormSpec(kind="group", groups=4, proxy=True)])
 def test_model_forward_shares_the_statistics_and_keeps_outputs_and_gradients(norm, monkeypatch):
     model = _perturb(_tiny(norm), scale=0.05).double()
