@@ -38,6 +38,7 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list:
     return sorted(set(globals()) | set(_TORCH_NAMES))
 
+
 __all__ = [
     "ACT_NAMES",
     "BATCH_INDEPENDENT_KINDS",

@@ -34,7 +34,6 @@ TINY = tiny(
 )
 
 
-@pytest.mark.slow
 def test_frozen_modules_come_before_the_first_trainable_one():
     model = create_model("efficientnet_b0", num_classes=10)
     names = frozen_module_names(model, "blocks.5.3")

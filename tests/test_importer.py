@@ -178,7 +178,6 @@ def test_torchvision_names():
     assert len(theirs) == len(model.state_dict())
 
 
-@pytest.mark.slow
 def test_same_padding_rule():
     # TensorFlow: out = ceil(in / stride); the odd pixel of the padding goes after
     assert same_pads(224, 3, 2) == (0, 1) and same_pads(225, 3, 2) == (1, 1)

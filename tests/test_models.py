@@ -189,7 +189,6 @@ def test_unknown_model_suggests_the_closest_name():
         create_model("efficientnet_b9")
 
 
-@pytest.mark.slow
 def test_model_args_rebuild_the_same_model():
     torch.manual_seed(1)
     model = create_model("efficientnet_tiny", num_classes=10, norm=NormSpec(kind="group", groups=2), group_size=16)
@@ -245,7 +244,6 @@ def test_drop_path_drops_whole_samples_and_rescales():
     assert torch.equal(dp.eval()(torch.ones(4, 3)), torch.ones(4, 3))
 
 
-@pytest.mark.slow
 def test_in_chans_option():
     model = create_model("efficientnet_tiny", num_classes=4, in_chans=1)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 4)
