@@ -98,3 +98,25 @@ def test_frozen_proxy_norm_gives_the_live_outputs_without_recomputing_its_statis
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert sum(isinstance(m, ProxyNormAct) for m in model.modules()) == live_sites  # the original is untouched
     assert not list(fast.parameters()) or all(not p.requires_grad for p in fast.parameters())
+
+
+def test_checkpoint_evaluation_on_the_inference_copy_gives_the_plain_models_metrics():
+    # sweep and evaluate score a checkpoint through training.evaluation.inference_model (folded,
+    # channels_last); its top-1, top-5 and loss must be those of the network as it was trained.
+    from ipu_effnet.training.evaluation import evaluate, inference_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_tiny", norm="batch", num_classes=10)
+    _randomise_bn(model)
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 256, (4, 3, 48, 48), generator=g, dtype=torch.uint8),
+                torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    want = evaluate(model, batches, torch.device("cpu"))
+    net = inference_model(model)
+    got = evaluate(net, batches, torch.device("cpu"))
+    assert got["samples"] == want["samples"] == 12
+    assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
+    assert abs(got["loss"] - want["loss"]) < 1e-4
+    assert count_batchnorm(net) == 0 and net.channels_last
+    assert model.training and count_batchnorm(model) > 0  # the network given is left as it was

@@ -96,7 +96,7 @@ def sweep_checkpoint(checkpoint: os.PathLike, resolutions: Optional[Sequence[int
     from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
     from ipu_effnet.data import create_dataset, create_loader
     from ipu_effnet.training.checkpoint import load_checkpoint, rebuild_model
-    from ipu_effnet.training.evaluation import evaluate
+    from ipu_effnet.training.evaluation import evaluate, inference_model
 
     given = Path(checkpoint)
     path = resolve_checkpoint(given)
@@ -109,6 +109,7 @@ def sweep_checkpoint(checkpoint: os.PathLike, resolutions: Optional[Sequence[int
     model = rebuild_model(ckpt, averager="epoch" if averaged else None)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
+    network = inference_model(model)
     if info is not None:
         info.update({"checkpoint": str(path), "train_resolution": train_res, "test_resolution": test_res,
                      "resolutions": res_list, "model": ckpt.get("model_args", {}).get("name")})
@@ -122,7 +123,7 @@ def sweep_checkpoint(checkpoint: os.PathLike, resolutions: Optional[Sequence[int
         loader = create_loader(val_set, batch or cfg.train.micro_batch, train=False, workers=cfg.data.workers,
                                seed=cfg.train.seed)
         try:
-            out = evaluate(model, loader, device, cfg.train.precision)
+            out = evaluate(network, loader, device, cfg.train.precision)
         except RuntimeError as exc:  # e.g. a resolution too small for the network's strides
             raise UsageError(f"sweep at {res} px failed: {str(exc).splitlines()[0]}") from None
         rows.append({"resolution": res, "top1": out["top1"], "top5": out["top5"], "loss": out["loss"],

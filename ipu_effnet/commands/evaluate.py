@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ipu_effnet.resolutions import eval_resolution
     from ipu_effnet.run.run_dirs import load_run_checkpoint
     from ipu_effnet.training.checkpoint import rebuild_model
-    from ipu_effnet.training.evaluation import evaluate
+    from ipu_effnet.training.evaluation import evaluate, inference_model
 
     path, ckpt, cfg = load_run_checkpoint(args.checkpoint, args.overrides)
     res = args.res or eval_resolution(cfg)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=cfg.train.seed)
     loader = create_loader(val_set, args.batch or cfg.train.micro_batch, train=False, workers=cfg.data.workers,
                            seed=cfg.train.seed)
-    out = evaluate(model, loader, device, cfg.train.precision)
+    out = evaluate(inference_model(model), loader, device, cfg.train.precision)
     out.update({"checkpoint": str(path), "resolution": res, "averaged": bool(args.averaged)})
     if args.json:
         print(json.dumps(out, indent=2))

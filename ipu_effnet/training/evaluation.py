@@ -6,6 +6,11 @@
 `model` is a bare network or its `TrainingModel` (the loss inside forward, the input normalisation on
 the device); the loader yields uint8 host batches. `reduce` takes and returns a dict of float counts
 (the host collectives' `all_reduce_sum`), so every data-parallel process reports the whole set.
+
+`inference_model(network)` is what a finished checkpoint is evaluated with (`sweep`, `evaluate`): the
+inference copy (BatchNorm folded, Proxy Norm's statistics frozen, `models/fold.py`) in channels_last,
+the layout the torch backend trains in. It gives the same logits to rounding, in less time
+(docs/PERFORMANCE.md, "Evaluation of a checkpoint").
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from ipu_effnet.training.model import TrainingModel
 from ipu_effnet.training.precision import autocast_dtype
 
 Reduce = Callable[[Dict[str, float]], Dict[str, float]]
+
+
+def inference_model(network: nn.Module, channels_last: bool = True) -> TrainingModel:
+    """The `TrainingModel` (plain cross entropy, input normalisation) around the inference copy of
+    `network`; `network` itself is left as it is."""
+    from ipu_effnet.models.fold import inference_copy
+
+    return TrainingModel(inference_copy(network), channels_last=channels_last).eval()
 
 
 @torch.no_grad()
