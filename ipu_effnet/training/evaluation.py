@@ -10,7 +10,7 @@ the device); the loader yields uint8 host batches. `reduce` takes and returns a 
 `inference_model(network)` is what a finished checkpoint is evaluated with (`sweep`, `evaluate`): the
 inference copy (BatchNorm folded, Proxy Norm's statistics frozen, `models/fold.py`) in channels_last,
 the layout the torch backend trains in. It gives the same logits to rounding, in less time
-(docs/PERFORMANCE.md, "Evaluation of a checkpoint").
+(docs/PERFORMANCE.md, fast paths, "Evaluation of a checkpoint").
 """
 
 from __future__ import annotations
