@@ -150,6 +150,27 @@ def test_bad_inputs_fail_before_training(tmp_path):
     assert "norm.proxy=true" in m[2].overrides
 
 
+@pytest.mark.parametrize("command", ["compare", "quickstart", "study"])
+def test_bench_options_reach_the_settings_and_bad_ones_fail_before_any_work(command, tmp_path, capsys):
+    from ipu_effnet.cli import build_parser, main
+    from ipu_effnet.commands.compare import bench_settings
+
+    required = {"compare": ["--recipes", "x.yaml"], "quickstart": [], "study": ["--data", "d"]}[command]
+    out = ["--out", str(tmp_path / "out")]
+    parser, _ = build_parser()
+    args = parser.parse_args([command, *required, *out, "--bench-rounds", "9", "--bench-seconds", "0",
+                              "--bench-threads", "1"])
+    got = bench_settings(args)
+    assert (got.train_rounds, got.train_seconds, got.threads) == (9, 0.0, 1)
+    default = bench_settings(parser.parse_args([command, *required, *out]))
+    assert (default.train_rounds, default.train_seconds, default.threads) == (5, 2.0, None)
+    for option, value in [("--bench-rounds", "0"), ("--bench-seconds", "-1"), ("--bench-seconds", "nan"),
+                          ("--bench-threads", "0"), ("--bench-batch", "0")]:
+        assert main([command, *required, *out, option, value]) == 2
+        assert f"{option} {value}" in capsys.readouterr().err.replace("-1.0", "-1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_table_formats_missing_values():
     table = format_table([{"recipe": "a", "top1": 0.5, "train_images_per_sec": None}])
     assert "| a |" in table and "50.00%" in table and " - " in table

@@ -38,14 +38,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-batch", type=int, default=16, help="inference measurement batch size")
     parser.add_argument("--bench-steps", type=int, default=5, help="inference measurement timed steps")
+    parser.add_argument("--bench-rounds", type=int, default=5,
+                        help="training-speed measurement: rounds of the recipes taking turns (default 5)")
+    parser.add_argument("--bench-seconds", type=float, default=2.0,
+                        help="training-speed measurement: the least timed seconds per recipe and round "
+                             "(default 2; 0: exactly 3 steps)")
+    parser.add_argument("--bench-threads", type=int, default=None,
+                        help="threads for the measurements (default: torch's; 1 gives steadier ratios "
+                             "between rows on a small shared machine, docs/PERFORMANCE.md)")
 
 
 def bench_settings(args: argparse.Namespace):
+    """BenchSettings from the --bench-* options, or UsageError naming the bad one."""
+    import math
+
     from ipu_effnet.analysis.compare import BenchSettings
 
-    if args.bench_batch < 1 or args.bench_steps < 1:
-        raise UsageError("--bench-batch and --bench-steps must be at least 1")
-    return BenchSettings(batch=args.bench_batch, steps=args.bench_steps)
+    for name in ("bench_batch", "bench_steps", "bench_rounds"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not (math.isfinite(args.bench_seconds) and args.bench_seconds >= 0):
+        raise UsageError(f"--bench-seconds {args.bench_seconds}: must be 0 or more")
+    if args.bench_threads is not None and args.bench_threads < 1:
+        raise UsageError(f"--bench-threads {args.bench_threads}: must be at least 1")
+    return BenchSettings(batch=args.bench_batch, steps=args.bench_steps, threads=args.bench_threads,
+                         train_rounds=args.bench_rounds, train_seconds=args.bench_seconds)
 
 
 def select_recipes(args: argparse.Namespace):
@@ -68,11 +85,12 @@ def run(args: argparse.Namespace) -> int:
     from ipu_effnet.analysis.report import format_summary
     from ipu_effnet.analysis.sweep import parse_resolutions
 
+    bench = bench_settings(args)
     recipes = select_recipes(args)
     resolutions = parse_resolutions(args.res) if args.res else None
     start = time.perf_counter()
     result = compare(recipes, args.out, overrides=args.overrides, sweep_resolutions=resolutions,
-                     bench=bench_settings(args), progress=not args.no_progress)
+                     bench=bench, progress=not args.no_progress)
     print(format_summary(result))
     print(f"compare: {len(recipes)} recipes in {elapsed(start)}")
     return 0

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
+from ipu_effnet.commands.compare import add_bench_arguments
 from ipu_effnet.errors import UsageError
 
 QUICKSTART_DIR = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override every recipe (e.g. --set train.epochs=2 for a smoke run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_bench_arguments(parser)
 
 
 def quickstart_recipes(native_only: bool = False) -> List[str]:
@@ -47,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ipu_effnet.analysis.compare import compare, elapsed, recipes_from_files
     from ipu_effnet.analysis.report import format_summary
+    from ipu_effnet.commands.compare import bench_settings
 
+    bench = bench_settings(args)
     files = quickstart_recipes(args.native_only)
     start = time.perf_counter()
-    result = compare(recipes_from_files(files), args.out, overrides=args.overrides, progress=not args.no_progress)
+    result = compare(recipes_from_files(files), args.out, overrides=args.overrides, bench=bench,
+                     progress=not args.no_progress)
     print(format_summary(result))
     print(f"quickstart: {len(files)} recipes in {elapsed(start)}; table and plots in {args.out}")
     return 0

@@ -42,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from ipu_effnet.analysis.sweep import parse_resolutions
     from ipu_effnet.commands.compare import bench_settings
 
+    bench = bench_settings(args)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
     preset = load_preset(args.preset)
     plan = plan_study(preset, args.data, seeds=args.seeds, norms=split(args.norms), kinds=split(args.kinds),
                       overrides=args.overrides, resolutions=parse_resolutions(args.res) if args.res else None)
-    bench = bench_settings(args)
     start = time.perf_counter()
     result = study(plan, args.out, bench=bench, progress=not args.no_progress)
     print(format_result(result))
