@@ -115,7 +115,6 @@ def test_report_ratio_is_b_over_a_of_the_medians():
     assert json.loads(json.dumps(report.to_dict()))["ratio"] == pytest.approx(0.9)
 
 
-@pytest.mark.slow
 def test_bench_command_alternates_a_and_b_and_prints_json():
     status, out, _ = _run(["bench", *TINY, "--norm", "layer", "--repeats", "2", "--vs", "norm=layer+proxy", "--json",
                            "--no-memory"])
@@ -139,7 +138,6 @@ def test_bench_infer_mode_and_usage_errors():
     assert status == 2 and "unknown model" in err
 
 
-@pytest.mark.slow
 def test_run_bench_interleaves_rounds():
     seen = []
     a = BenchConfig(model="efficientnet_tiny", norm="group", res=32, batch=1, steps=1, warmup=0)
@@ -185,7 +183,6 @@ def test_bench_reports_peak_memory_from_a_fresh_process():
     assert run_bench([a], repeats=1, memory=False).results[0].memory is None
 
 
-@pytest.mark.slow
 def test_bf16_autocast_and_cuda_or_ipu_missing():
     status, out, _ = _run(["bench", *TINY, "--precision", "bf16", "--repeats", "1", "--no-memory"])
     assert status == 0 and "cpu bf16" in out and "TrainingModel through TorchRunner.step" in out

@@ -144,7 +144,6 @@ def test_stored_statistics_round_trip_and_reach_rebuilt_models():
     torch.testing.assert_close(averaged_model_state(old)["1.running_mean"], torch.full((4,), 2.0))
 
 
-@pytest.mark.slow
 def test_rebuild_model_uses_the_stored_statistics_and_warns_without_them():
     from ipu_effnet.models import create_model
     from ipu_effnet.training.checkpoint import make_checkpoint, rebuild_model

@@ -225,7 +225,6 @@ def test_latest_checkpoint_skips_incomplete_ones_and_keep_prunes(tmp_path):
     assert latest_checkpoint(tmp_path / "nowhere") is None
 
 
-@pytest.mark.slow
 def test_rebuild_model_from_checkpoint_with_its_weights_or_the_average(tmp_path):
     torch.manual_seed(0)
     net = create_model("efficientnet_tiny", num_classes=7, norm="layer+proxy", drop_path_rate=0.1).eval()

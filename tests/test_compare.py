@@ -236,7 +236,6 @@ def test_training_speed_ratios_come_from_rounds_measured_back_to_back(monkeypatc
     assert got == [20.0, 200.0]
 
 
-@pytest.mark.slow
 def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):
     """The number of timed steps is sized from a calibration step to fill train_seconds (never fewer
     than train_steps); with train_seconds 0 it is exactly train_steps."""

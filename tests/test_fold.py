@@ -26,7 +26,6 @@ def _randomise_bn(model: nn.Module) -> None:
             m.bias.data.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_folded_model_equals_the_eval_model(channels_last):
     torch.manual_seed(0)
@@ -69,7 +68,6 @@ def test_models_without_batchnorm_keep_their_norms():
         assert torch.equal(folded(x), model(x))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layer+proxy", "group+proxy"])
 def test_frozen_proxy_norm_gives_the_live_outputs_without_recomputing_its_statistics(kind, monkeypatch):
     from ipu_effnet.models.fold import inference_copy

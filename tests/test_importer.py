@@ -117,7 +117,6 @@ def test_init_numerics_sets_eps_and_padding_of_the_format(geffnet_file, effnet_p
     assert init_numerics(cfg, log=lambda _m: None).model.padding == "same"  # timm's TF ports
 
 
-@pytest.mark.slow
 def test_other_class_count_reinitialises_the_classifier(geffnet_file):
     src, path = geffnet_file
     model = create_model("efficientnet_b0", num_classes=10, norm=NormSpec(eps=1e-5))

@@ -286,7 +286,6 @@ def test_begin_block_at_the_configured_modules_with_ipu_ids(poptorch):
     assert ("identity_loss", "none", torch.float32) in poptorch.CALLS
 
 
-@pytest.mark.slow
 def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -308,7 +307,6 @@ def test_loss_is_computed_inside_forward_and_a_step_trains(poptorch):
         runner.step(*batch(8))
 
 
-@pytest.mark.slow
 def test_mixing_coefficients_are_drawn_on_the_host(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -320,7 +318,6 @@ def test_mixing_coefficients_are_drawn_on_the_host(poptorch):
     assert runner.step(*batch(8))["samples"] == 8
 
 
-@pytest.mark.slow
 def test_half_precision_keeps_proxy_statistics_and_loss_in_fp32(poptorch):
     from ipu_effnet.backends import prepare
     from norms.proxy import ProxyNormAct
@@ -360,7 +357,6 @@ def test_optimizers_map_to_poptorch_with_the_same_groups(poptorch):
             assert ipu_opt.defaults["alpha"] == opt.defaults["alpha"] and ipu_opt.defaults["eps"] == 1e-3
 
 
-@pytest.mark.slow
 def test_set_optimizer_only_when_the_lr_changes(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -383,7 +379,6 @@ def test_set_optimizer_only_when_the_lr_changes(poptorch):
     assert runner.executor.set_optimizer_calls[-1] == [0.002, 0.002]
 
 
-@pytest.mark.slow
 def test_inference_runs_through_an_inference_model(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -398,7 +393,6 @@ def test_inference_runs_through_an_inference_model(poptorch):
     assert not runner.executor.isAttachedToDevice()  # the training program let go of the IPUs
 
 
-@pytest.mark.slow
 def test_evaluate_loader_pads_the_last_batch_and_counts_every_sample(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -567,7 +561,6 @@ def test_two_poprun_instances_report_metrics_over_both_shards(tmp_path):
 # The device lifecycle (the double in hardware mode: one attached program per set of IPUs)
 
 
-@pytest.mark.slow
 def test_train_evaluate_train_hands_the_ipus_over(poptorch):
     from ipu_effnet.backends import prepare
 
@@ -588,7 +581,6 @@ def test_train_evaluate_train_hands_the_ipus_over(poptorch):
         runner.step(images, labels)
 
 
-@pytest.mark.slow
 def test_evaluation_sees_the_trained_weights(poptorch):
     """The inference program gets the training program's weights through the host (detach, attach)."""
     from ipu_effnet.backends import prepare

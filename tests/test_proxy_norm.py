@@ -286,7 +286,6 @@ def test_batch_independent_kinds_in_training_mode(norm):
     assert _alone_vs_in_batch(model) < 1e-5
 
 
-@pytest.mark.slow
 def test_batchnorm_is_batch_dependent_in_training_mode():
     model = _tiny(NormSpec(kind="batch"))
     assert not NormSpec(kind="batch").batch_independent
@@ -303,7 +302,6 @@ def test_batchnorm_is_batch_dependent_in_training_mode():
 
 # --- precision, checkpoints ---------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_half_model_keeps_fp32_statistics_and_runs_forward_and_backward():
     model = _perturb(_tiny(NormSpec(kind="layer", proxy=True)), scale=0.05)
     reference = copy.deepcopy(model)
@@ -331,7 +329,6 @@ def test_half_model_keeps_fp32_statistics_and_runs_forward_and_backward():
     assert torch.equal(proxies[0].proxy_points, standard_normal_quantiles(200))
 
 
-@pytest.mark.slow
 def test_checkpoint_round_trip_reproduces_outputs_exactly():
     model = _perturb(_tiny(NormSpec(kind="group", groups=4, proxy=True)), scale=0.05)
     buf = io.BytesIO()
