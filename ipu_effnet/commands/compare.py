@@ -36,14 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bench-batch", type=int, default=16, help="inference measurement batch size")
-    parser.add_argument("--bench-steps", type=int, default=5, help="inference measurement timed steps")
-    parser.add_argument("--bench-rounds", type=int, default=5,
-                        help="training-speed measurement: rounds of the recipes taking turns (default 5)")
-    parser.add_argument("--bench-seconds", type=float, default=2.0,
+    """The --bench-* options of compare, quickstart and study; their defaults are BenchSettings'."""
+    from ipu_effnet.analysis.compare import BenchSettings
+
+    d = BenchSettings()
+    parser.add_argument("--bench-batch", type=int, default=d.batch, help="inference measurement batch size")
+    parser.add_argument("--bench-steps", type=int, default=d.steps, help="inference measurement timed steps")
+    parser.add_argument("--bench-rounds", type=int, default=d.train_rounds,
+                        help="training-speed measurement: rounds of the recipes taking turns (default %(default)s)")
+    parser.add_argument("--bench-seconds", type=float, default=d.train_seconds,
                         help="training-speed measurement: the least timed seconds per recipe and round "
-                             "(default 2; 0: exactly 3 steps)")
-    parser.add_argument("--bench-threads", type=int, default=None,
+                             f"(default %(default)s; 0: exactly {d.train_steps} steps)")
+    parser.add_argument("--bench-threads", type=int, default=d.threads,
                         help="threads for the measurements (default: torch's; 1 gives steadier ratios "
                              "between rows on a small shared machine, docs/PERFORMANCE.md)")
 

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
-from ipu_effnet.commands.compare import add_bench_arguments
+from ipu_effnet.commands.compare import add_bench_arguments, bench_settings
 from ipu_effnet.errors import UsageError
 
 QUICKSTART_DIR = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
@@ -49,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ipu_effnet.analysis.compare import compare, elapsed, recipes_from_files
     from ipu_effnet.analysis.report import format_summary
-    from ipu_effnet.commands.compare import bench_settings
 
     bench = bench_settings(args)
     files = quickstart_recipes(args.native_only)
