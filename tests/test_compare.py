@@ -92,14 +92,19 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
         assert float(r["gmacs_train"]) == pytest.approx(float(r["gmacs_test"]))
         assert float(r["infer_images_per_sec"]) > 0 and float(r["train_images_per_sec"]) > 0
         assert float(r["run_train_images_per_sec"]) > 0  # the run's own average, kept beside it
+        assert float(r["train_spread"]) >= 0.0
         assert 0.0 <= float(r["top1"]) <= 1.0
         assert int(r["best_resolution"]) in (32, 40)
         assert r["peak_memory_mb"] == "" and r["memory_kind"] == ""  # memory off: not measured
     assert [r["norm"] for r in rows] == ["group", "layer"]
     md = (out / "compare.md").read_text()
     assert "| tiny-group |" in md and "GMACs train" in md and "not measured" in md
+    speed = result.training_speed
+    assert speed.rounds == BENCH.train_rounds and len(speed.round_rates) == 2 and speed.seconds > 0
+    assert f"{speed.rounds} rounds in {speed.seconds:.0f} s" in md and "train spread" in md
     text = format_summary(result)
     assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
+    assert f"training speed: {speed.rounds} round(s) of the 2 recipe(s) taking turns" in text
 
     # a third call trains nothing and reuses the sweeps
     calls.clear()
@@ -234,6 +239,30 @@ def test_training_speed_ratios_come_from_rounds_measured_back_to_back(monkeypatc
     monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
     got = measure_training(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0))
     assert got == [20.0, 200.0]
+
+
+def test_training_speed_spread_ignores_load_that_moves_every_job_alike(monkeypatch):
+    """Rounds in which every job is twice as fast as in the round before give spread 0 (the load moved
+    them alike). A job that doubles against the other in one round of three: the round's geometric mean
+    rises by sqrt(2), so that job's relative rate rises by sqrt(2) in that round (spread sqrt(2) - 1) and
+    the other's falls by 1/sqrt(2) (spread 1 - 1/sqrt(2))."""
+    import math
+
+    from ipu_effnet.analysis import bench as bench_mod
+    from ipu_effnet.analysis.bench import Timing
+    from ipu_effnet.analysis.compare import measure_training_speed, relative_spreads
+
+    rates = iter([10.0, 100.0, 20.0, 200.0, 40.0, 400.0])
+    monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
+    speed = measure_training_speed(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0))
+    assert speed.round_rates == [[10.0, 20.0, 40.0], [100.0, 200.0, 400.0]]
+    assert speed.rates == [20.0, 200.0] and speed.rounds == 3 and speed.seconds > 0
+    assert speed.spreads == pytest.approx([0.0, 0.0], abs=1e-12)
+
+    moved = relative_spreads([[10.0, 10.0, 10.0], [100.0, 200.0, 100.0]])
+    assert moved == pytest.approx([1 - 1 / math.sqrt(2), math.sqrt(2) - 1])
+    assert relative_spreads([[90.0, 100.0, 110.0]]) == pytest.approx([0.2])  # one job: its own rates
+    assert relative_spreads([]) == []
 
 
 def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):

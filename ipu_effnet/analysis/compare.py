@@ -81,6 +81,20 @@ class BenchSettings:
 
 
 @dataclass
+class TrainingSpeed:
+    """What `measure_training_speed` measured, for the table and for the sentence under it."""
+
+    rates: List[float]              # each job's figure, images/s (what `measure_training` returns)
+    spreads: List[float]            # each job's round-to-round spread (`relative_spreads`)
+    round_rates: List[List[float]]  # images/s of each job in each round
+    seconds: float                  # wall time of the whole measurement, calibration steps included
+
+    @property
+    def rounds(self) -> int:
+        return len(self.round_rates[0]) if self.round_rates else 0
+
+
+@dataclass
 class CompareResult:
     out_dir: Path
     rows: List[Dict[str, Any]]
@@ -88,6 +102,7 @@ class CompareResult:
     trained: List[str]   # recipes trained (or resumed) by this call
     skipped: List[str]   # recipes already complete
     files: Dict[str, Path]
+    training_speed: Optional[TrainingSpeed] = None  # how the "train img/s" column was measured
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,6 +263,42 @@ def measure_inference(model: Any, resolution: int, settings: Optional[BenchSetti
 
 def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
                      progress: bool = False) -> List[float]:
+    """Training images/s of each job: `measure_training_speed(...).rates`."""
+    return measure_training_speed(jobs, settings, progress).rates
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def relative_spreads(round_rates: Sequence[Sequence[float]]) -> List[float]:
+    """How far each job's standing among the jobs moved from round to round: in each round, the job's
+    rate over the geometric mean of all the jobs' rates of that round; the spread is (max - min) / median
+    of those relative rates over the rounds. A change of load that slows every job of a round alike
+    leaves it at 0; a job that sped up or slowed down against the others raises it. With a single job,
+    the spread of its own rates. Two rows whose figures differ by less than their spreads are within
+    what the measurement itself moved."""
+    if not round_rates:
+        return []
+    if len(round_rates) == 1:
+        relative = [list(round_rates[0])]
+    else:
+        import math
+
+        logs = [[math.log(max(rate, 1e-12)) for rate in job] for job in round_rates]
+        centres = [sum(column) / len(column) for column in zip(*logs)]
+        relative = [[math.exp(value - centre) for value, centre in zip(job, centres)] for job in logs]
+    spreads = []
+    for values in relative:
+        middle = _median(values) if values else 0.0
+        spreads.append((max(values) - min(values)) / middle if middle > 0 else 0.0)
+    return spreads
+
+
+def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
+                           progress: bool = False) -> TrainingSpeed:
     """Training images/s of each job ({"model", "cfg", "resolution"}): the recipe's own step, built by
     `bench.training_workload` (the one definition of a training step bench also times: TrainingModel with
     the recipe's loss and mixing, its optimiser, TorchRunner.step) on a synthetic uint8 host batch at the
@@ -264,9 +315,12 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
       over the first job's rate in the same round (measured back to back), so that a change of load
       between rounds moves every job of the round alike and cancels in the ratios. The first job's
       figure is its median; the absolute figures still depend on the load (the "(run)" column, the
-      in-run average, depends on when each run happened to train)."""
+      in-run average, depends on when each run happened to train);
+    - each job's `relative_spreads` value says how much its standing moved over the rounds, and
+      `seconds` how long the whole measurement took: the table prints both, so a reader can tell a
+      difference between rows from the measurement's own movement (docs/PERFORMANCE.md has what two
+      calls on one machine gave)."""
     import dataclasses
-    import time
 
     import torch
 
@@ -275,6 +329,7 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
 
     settings = settings or BenchSettings()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
     workloads = []
     for job in jobs:
         cfg, res = job["cfg"], int(job["resolution"])
@@ -302,16 +357,13 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
             rates[i].append(bench.measure(workload).images_per_s)
             bar.update(1)
     bar.close()
-    if not rates:
-        return []
-
-    def median(values: List[float]) -> float:
-        ordered = sorted(values)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-    first = median(rates[0])
-    return [first] + [first * median([r / r0 for r, r0 in zip(job_rates, rates[0])]) for job_rates in rates[1:]]
+    seconds = time.perf_counter() - started
+    if not rates or not rates[0]:
+        return TrainingSpeed([], [], rates, seconds)
+    first = _median(rates[0])
+    figures = [first] + [first * _median([r / r0 for r, r0 in zip(job_rates, rates[0])])
+                         for job_rates in rates[1:]]
+    return TrainingSpeed(figures, relative_spreads(rates), rates, seconds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,6 +493,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
             "gmacs_train": cost_train["gmacs"],
             "gmacs_test": cost_test["gmacs"],
             "train_images_per_sec": None,  # measured below, all recipes in turn
+            "train_spread": None,
             "run_train_images_per_sec": summary.get("train_images_per_sec"),
             **inference,
             "top1": at_test[0]["top1"] if at_test else summary.get("val_top1"),
@@ -451,10 +504,16 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         jobs.append({"model": network, "cfg": cfg, "resolution": res["train_resolution"]})
         bar.update(1)
     bar.close()
-    for row, rate in zip(rows, measure_training(jobs, bench, progress=progress)):
+    speed = measure_training_speed(jobs, bench, progress=progress)
+    for row, rate, spread in zip(rows, speed.rates, speed.spreads):
         row["train_images_per_sec"] = rate
-    files = write_outputs(out_dir, rows, sweeps) if write else {}
-    return CompareResult(out_dir, rows, sweeps, trained, skipped, files)
+        row["train_spread"] = spread
+    if not write:  # otherwise format_summary says it, under the table
+        from ipu_effnet.analysis.report import training_speed_note
+
+        say(training_speed_note(speed))
+    files = write_outputs(out_dir, rows, sweeps, speed) if write else {}
+    return CompareResult(out_dir, rows, sweeps, trained, skipped, files, speed)
 
 
 def elapsed(start: float) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 if TYPE_CHECKING:
-    from ipu_effnet.analysis.compare import CompareResult
+    from ipu_effnet.analysis.compare import CompareResult, TrainingSpeed
 
 # (key, markdown header, format) in table order.
 COLUMNS = [
@@ -23,6 +23,7 @@ COLUMNS = [
     ("gmacs_train", "GMACs train", "{:.4f}"),
     ("gmacs_test", "GMACs test", "{:.4f}"),
     ("train_images_per_sec", "train img/s", "{:.1f}"),
+    ("train_spread", "train spread", "{:.1%}"),
     ("run_train_images_per_sec", "train img/s (run)", "{:.1f}"),
     ("infer_images_per_sec", "infer img/s", "{:.1f}"),
     ("peak_memory_mb", "peak mem (MB)", "{:.1f}"),
@@ -68,6 +69,8 @@ def format_summary(result: CompareResult) -> str:
         fast_inf = max(rows, key=lambda r: r["infer_images_per_sec"])
         lines.append(f"fastest inference: {fast_inf['recipe']} ({fast_inf['infer_images_per_sec']:.1f} img/s at "
                      f"{fast_inf['test_resolution']} px)")
+    if result.training_speed is not None and result.training_speed.rounds:
+        lines.append(training_speed_note(result.training_speed))
     if result.skipped:
         lines.append(f"reused {len(result.skipped)} complete run(s): {', '.join(result.skipped)}")
     lines.append("")
@@ -75,6 +78,17 @@ def format_summary(result: CompareResult) -> str:
     lines.append("")
     lines.append("files: " + ", ".join(str(p) for p in result.files.values()))
     return "\n".join(lines)
+
+
+def training_speed_note(speed: TrainingSpeed) -> str:
+    """The sentence that says how the "train img/s" column was measured and how far it moved."""
+    jobs = len(speed.round_rates)
+    text = (f"training speed: {speed.rounds} round(s) of the {jobs} recipe(s) taking turns, "
+            f"{speed.seconds:.0f} s in all")
+    if speed.spreads:
+        text += (f"; train spread {min(speed.spreads):.1%}-{max(speed.spreads):.1%} "
+                 "(how far each recipe's rate moved against the others' over the rounds)")
+    return text
 
 
 def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
@@ -100,8 +114,16 @@ def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]],
-                  sweeps: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Path]:
+def _speed_clause(speed: Optional[TrainingSpeed]) -> str:
+    if speed is None or not speed.rounds:
+        return ""
+    return (f", {speed.rounds} rounds in {speed.seconds:.0f} s; \"train spread\" is (max - min) / median over "
+            "the rounds of the recipe's rate relative to the round's geometric mean over all recipes: "
+            "differences between rows smaller than the rows' spreads are within what the measurement itself moved")
+
+
+def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[str, List[Dict[str, Any]]],
+                  training_speed: Optional[TrainingSpeed] = None) -> Dict[str, Path]:
     from ipu_effnet.analysis.plots import plot_accuracy_vs_resolution, plot_pareto
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +134,8 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]],
         f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe; "
         f"{memory_note(rows)} Training images/s: "
         "the recipe's training step at its training resolution and micro-batch, measured here with the recipes "
-        "taking turns (median of the rounds); \"(run)\" and wall time come from each run's summary.json. "
+        "taking turns (median of the rounds)"
+        f"{_speed_clause(training_speed)}; \"(run)\" and wall time come from each run's summary.json. "
         "How to read this: docs/recipes.md.\n",
         encoding="utf-8")
     csv_path = out_dir / "compare.csv"
