@@ -3,6 +3,7 @@ interrupted mid-matrix that, rerun, does not train its completed runs again."""
 
 import csv
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -104,7 +105,12 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
     assert f"{speed.rounds} rounds in {speed.seconds:.0f} s" in md and "train spread" in md
     text = format_summary(result)
     assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
-    assert f"training speed: {speed.rounds} round(s) of the 2 recipe(s) taking turns" in text
+    rounds = "1 round" if speed.rounds == 1 else f"{speed.rounds} rounds"
+    assert f"training speed: {rounds} of 2 recipes taking turns" in text
+    recorded = json.loads((out / "training_speed.json").read_text())
+    assert recorded["rounds"] == speed.rounds and sorted(recorded["recipes"]) == ["tiny-group", "tiny-layer"]
+    assert recorded["recipes"]["tiny-layer"]["rounds"] == speed.round_rates[1]
+    assert recorded["recipes"]["tiny-layer"]["images_per_sec"] == pytest.approx(float(rows[1]["train_images_per_sec"]))
 
     # a third call trains nothing and reuses the sweeps
     calls.clear()

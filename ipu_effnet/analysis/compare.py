@@ -12,6 +12,7 @@ Layout of `out_dir` (the files other than runs/ are written by analysis/report.p
     compare.md, compare.csv      the table (columns: report.COLUMNS)
     accuracy_vs_resolution.png   every recipe's sweep on one plot
     pareto.png                   top-1 against training and inference images/s, Pareto front drawn
+    training_speed.json          every round's training rate of every recipe, with the table's figures
 
 A run with summary.json is complete and is not trained again; one with checkpoints but no summary was
 interrupted and is resumed; its sweep is reused while sweep.csv is newer than summary.json. Inference

@@ -80,10 +80,14 @@ def format_summary(result: CompareResult) -> str:
     return "\n".join(lines)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def training_speed_note(speed: TrainingSpeed) -> str:
     """The sentence that says how the "train img/s" column was measured and how far it moved."""
     jobs = len(speed.round_rates)
-    text = (f"training speed: {speed.rounds} round(s) of the {jobs} recipe(s) taking turns, "
+    text = (f"training speed: {_count(speed.rounds, 'round')} of {_count(jobs, 'recipe')} taking turns, "
             f"{speed.seconds:.0f} s in all")
     if speed.spreads:
         text += (f"; train spread {min(speed.spreads):.1%}-{max(speed.spreads):.1%} "
@@ -150,4 +154,21 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
     par = plot_pareto([r["recipe"] for r in rows], [r["top1"] or 0.0 for r in rows],
                       [r.get("train_images_per_sec") for r in rows], [r.get("infer_images_per_sec") for r in rows],
                       out_dir / "pareto.png")
-    return {"compare.md": md, "compare.csv": csv_path, "accuracy_vs_resolution.png": acc, "pareto.png": par}
+    files = {"compare.md": md, "compare.csv": csv_path, "accuracy_vs_resolution.png": acc, "pareto.png": par}
+    if training_speed is not None and training_speed.rounds:
+        files["training_speed.json"] = write_training_speed(out_dir / "training_speed.json", rows, training_speed)
+    return files
+
+
+def write_training_speed(path: Path, rows: Sequence[Dict[str, Any]], speed: TrainingSpeed) -> Path:
+    """Every round's rate of every recipe, beside the figures and spreads the table shows, for a reader
+    who wants to see how the measurement moved (or to judge it another way)."""
+    import json
+
+    recipes = {row["recipe"]: {"images_per_sec": rate, "spread": spread, "rounds": rounds}
+               for row, rate, spread, rounds in zip(rows, speed.rates, speed.spreads, speed.round_rates)}
+    data = {"rounds": speed.rounds, "seconds": speed.seconds, "recipes": recipes,
+            "method": "the recipes take turns; the first recipe's figure is the median of its rounds, every other "
+                      "recipe's the first's median times the median of its per-round ratios to the first"}
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return path

@@ -8,8 +8,8 @@ JPEG decoder
     pixels as Pillow: both run libjpeg-turbo with its default accurate integer IDCT and fancy chroma
     upsampling, and the DCT scale (1/2, 1/4, 1/8) is the one Pillow's `draft` would pick
     (`draft_scale`), so the decoded array is bitwise Pillow's (tests/test_decode.py checks it). What it
-    saves is Pillow's per-image overhead around the same library: on 500 x 375 ImageNet-like JPEGs a
-    decode took about 1.7 ms against Pillow's 2.2-2.4 ms here. It takes file-backed JPEGs that Pillow
+    saves is Pillow's per-image overhead around the same library (docs/PERFORMANCE.md, the data loader
+    section, has the measurement on ImageNet-sized JPEGs). It takes file-backed JPEGs that Pillow
     opens as RGB or L; everything else (PNG, CMYK JPEGs, in-memory images, a file it rejects) goes to
     Pillow, which then decodes it or raises as before, so unreadable files are reported the same way.
     Scales other than powers of two are not used: libjpeg-turbo's 3/4 or 5/8 scaled IDCT has no SIMD
@@ -17,8 +17,9 @@ JPEG decoder
 
 Resampler (training crops)
     torch's uint8 antialiased bilinear `interpolate` (vectorised from torch 2.1; detected, not assumed)
-    instead of Pillow's `resize`: about 2.4x faster for a 160 px crop here. It needs a box in whole
-    pixels, so the box (fractional after a reduced-scale decode) is rounded, and its values differ from
+    instead of Pillow's `resize`, faster for a training crop (docs/PERFORMANCE.md, the data loader
+    section, has the figure). It needs a box in whole pixels, so the box (fractional after a
+    reduced-scale decode) is rounded, and its values differ from
     Pillow's by a mean of 0.02 levels (max 5 of 255). "auto" uses it only in a loader worker or with one
     torch thread: in the training process itself it would share torch's thread pool with the step.
     Evaluation keeps Pillow, whose fractional box reproduces the reference resize-and-centre-crop exactly.
