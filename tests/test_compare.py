@@ -31,7 +31,14 @@ logging: {{progress: false, log_every: 1}}
 """
 # memory off: each CPU measurement is a fresh process (~2 s); the tests that check it turn it on
 BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, train_seconds=0,
-                      memory=False)
+                      train_target_error=0, memory=False)
+
+
+def test_error_bar_spans_the_relative_error_either_side():
+    from ipu_effnet.analysis.plots import error_bar
+
+    assert error_bar(100.0, 0.05) == pytest.approx((95.0, 105.0))
+    assert error_bar(100.0, 0.0) is None and error_bar(None, 0.05) is None and error_bar(100.0, None) is None
 
 
 def test_pareto_front_on_hand_made_points():
@@ -93,7 +100,7 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
         assert float(r["gmacs_train"]) == pytest.approx(float(r["gmacs_test"]))
         assert float(r["infer_images_per_sec"]) > 0 and float(r["train_images_per_sec"]) > 0
         assert float(r["run_train_images_per_sec"]) > 0  # the run's own average, kept beside it
-        assert float(r["train_spread"]) >= 0.0
+        assert r["train_error"] == ""  # one round (BENCH): no standard error yet
         assert 0.0 <= float(r["top1"]) <= 1.0
         assert int(r["best_resolution"]) in (32, 40)
         assert r["peak_memory_mb"] == "" and r["memory_kind"] == ""  # memory off: not measured
@@ -102,7 +109,7 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
     assert "| tiny-group |" in md and "GMACs train" in md and "not measured" in md
     speed = result.training_speed
     assert speed.rounds == BENCH.train_rounds and len(speed.round_rates) == 2 and speed.seconds > 0
-    assert f"{speed.rounds} rounds in {speed.seconds:.0f} s" in md and "train spread" in md
+    assert f"in {speed.seconds:.0f} s" in md and "train ±" in md and "standard error" in md
     text = format_summary(result)
     assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
     rounds = "1 round" if speed.rounds == 1 else f"{speed.rounds} rounds"
@@ -170,13 +177,17 @@ def test_bench_options_reach_the_settings_and_bad_ones_fail_before_any_work(comm
     out = ["--out", str(tmp_path / "out")]
     parser, _ = build_parser()
     args = parser.parse_args([command, *required, *out, "--bench-rounds", "9", "--bench-seconds", "0",
-                              "--bench-threads", "1"])
+                              "--bench-threads", "1", "--bench-max-rounds", "12", "--bench-target-error", "0.05"])
     got = bench_settings(args)
     assert (got.train_rounds, got.train_seconds, got.threads) == (9, 0.0, 1)
+    assert (got.train_max_rounds, got.train_target_error) == (12, 0.05)
     default = bench_settings(parser.parse_args([command, *required, *out]))
     assert (default.train_rounds, default.train_seconds, default.threads) == (5, 2.0, None)
+    assert (default.train_max_rounds, default.train_target_error) == (20, 0.025)
     for option, value in [("--bench-rounds", "0"), ("--bench-seconds", "-1"), ("--bench-seconds", "nan"),
-                          ("--bench-threads", "0"), ("--bench-batch", "0")]:
+                          ("--bench-threads", "0"), ("--bench-batch", "0"), ("--bench-max-rounds", "4"),
+                          ("--bench-target-error", "1.5"), ("--bench-target-error", "-0.1"),
+                          ("--bench-target-error", "nan")]:
         assert main([command, *required, *out, option, value]) == 2
         assert f"{option} {value}" in capsys.readouterr().err.replace("-1.0", "-1")
     assert not (tmp_path / "out").exists()
@@ -243,32 +254,68 @@ def test_training_speed_ratios_come_from_rounds_measured_back_to_back(monkeypatc
 
     rates = iter([10.0, 100.0, 30.0, 150.0, 20.0, 200.0])
     monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
-    got = measure_training(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0))
+    got = measure_training(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0, train_target_error=0))
     assert got == [20.0, 200.0]
 
 
-def test_training_speed_spread_ignores_load_that_moves_every_job_alike(monkeypatch):
-    """Rounds in which every job is twice as fast as in the round before give spread 0 (the load moved
-    them alike). A job that doubles against the other in one round of three: the round's geometric mean
-    rises by sqrt(2), so that job's relative rate rises by sqrt(2) in that round (spread sqrt(2) - 1) and
-    the other's falls by 1/sqrt(2) (spread 1 - 1/sqrt(2))."""
+def test_training_speed_error_ignores_load_that_moves_every_job_alike(monkeypatch):
+    """Rounds in which every job is twice as fast as in the round before give standard error 0 (the load
+    moved them alike), and the measurement stops at the least rounds. A job that doubles against the
+    other in one round of three: each job's log rate relative to the round's geometric mean moves by
+    ln(2) / 2 in that round, so both get sqrt(pi / 2) * (ln(2) / 2 / sqrt(3)) / sqrt(3)."""
     import math
 
     from ipu_effnet.analysis import bench as bench_mod
     from ipu_effnet.analysis.bench import Timing
-    from ipu_effnet.analysis.compare import measure_training_speed, relative_spreads
+    from ipu_effnet.analysis.compare import measure_training_speed, relative_errors
 
     rates = iter([10.0, 100.0, 20.0, 200.0, 40.0, 400.0])
     monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
     speed = measure_training_speed(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0))
     assert speed.round_rates == [[10.0, 20.0, 40.0], [100.0, 200.0, 400.0]]
     assert speed.rates == [20.0, 200.0] and speed.rounds == 3 and speed.seconds > 0
-    assert speed.spreads == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert speed.errors == pytest.approx([0.0, 0.0], abs=1e-12)
 
-    moved = relative_spreads([[10.0, 10.0, 10.0], [100.0, 200.0, 100.0]])
-    assert moved == pytest.approx([1 - 1 / math.sqrt(2), math.sqrt(2) - 1])
-    assert relative_spreads([[90.0, 100.0, 110.0]]) == pytest.approx([0.2])  # one job: its own rates
-    assert relative_spreads([]) == []
+    expected = math.sqrt(math.pi / 2) * math.log(2) / 6
+    assert relative_errors([[10.0, 10.0, 10.0], [100.0, 200.0, 100.0]]) == pytest.approx([expected, expected])
+    assert relative_errors([[100.0, 100.0]]) == pytest.approx([0.0])  # one job: its own rates
+    assert relative_errors([[100.0], [200.0]]) == [None, None]        # one round: no error yet
+    assert relative_errors([]) == []
+
+
+def _alternating_rates(monkeypatch):
+    """The first job steady at 100 img/s, the second alternating 100 and 200 against it."""
+    from ipu_effnet.analysis import bench as bench_mod
+    from ipu_effnet.analysis.bench import Timing
+
+    calls = []
+
+    def fake_measure(workload):
+        calls.append(workload)
+        job, round_ = (len(calls) - 1) % 2, (len(calls) - 1) // 2
+        return Timing(100.0 if job == 0 else (200.0 if round_ % 2 else 100.0), 1.0)
+
+    monkeypatch.setattr(bench_mod, "measure", fake_measure)
+
+
+def test_training_speed_goes_on_until_the_standard_error_is_reached(monkeypatch):
+    """Past the least rounds the recipes keep taking turns while a standard error is above the target:
+    it stops at the first round at which every error is at most the target, or at the most rounds."""
+    from ipu_effnet.analysis.compare import measure_training_speed, relative_errors
+
+    _alternating_rates(monkeypatch)
+    settings = BenchSettings(train_rounds=3, train_seconds=0, train_target_error=0.08, train_max_rounds=40)
+    speed = measure_training_speed(_training_jobs(2), settings)
+    assert speed.rounds > 3 and speed.target_error == 0.08
+    assert max(speed.errors) <= 0.08
+    assert max(relative_errors([r[:-1] for r in speed.round_rates])) > 0.08  # one round fewer: not yet
+
+    capped = measure_training_speed(_training_jobs(2), dataclasses.replace(settings, train_max_rounds=4))
+    assert capped.rounds == 4 and max(capped.errors) > 0.08
+    fixed = measure_training_speed(_training_jobs(2), dataclasses.replace(settings, train_target_error=0))
+    assert fixed.rounds == 3 and fixed.target_error == 0
+    alone = measure_training_speed(_training_jobs(1), settings)
+    assert alone.rounds == 3 and alone.target_error == 0  # one job: no ratio to make precise
 
 
 def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):

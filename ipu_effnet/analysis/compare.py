@@ -66,18 +66,22 @@ class Recipe:
 @dataclass
 class BenchSettings:
     """The measurements, identical for every recipe of one comparison: inference (batch, steps,
-    warm-up, and its peak memory) and the training step (`train_rounds` rounds over all recipes in turn, each of
+    warm-up, and its peak memory) and the training step (rounds over all recipes in turn, each of
     `train_warmup` untimed steps and then at least `train_steps` timed ones, and as many more as fill
-    `train_seconds`, at the recipe's own training resolution and micro-batch; see `measure_training`)."""
+    `train_seconds`, at the recipe's own training resolution and micro-batch: at least `train_rounds`
+    rounds, and more, up to `train_max_rounds`, until every recipe's standard error is at most
+    `train_target_error`; see `measure_training_speed`)."""
 
     batch: int = 16
     steps: int = 5
     warmup: int = 2
     threads: Optional[int] = None
-    train_rounds: int = 5
+    train_rounds: int = 5           # the least rounds
     train_steps: int = 3
     train_warmup: int = 1
     train_seconds: float = 2.0  # the least timed work per recipe and round (0: exactly train_steps steps)
+    train_target_error: float = 0.025  # more rounds until every recipe's standard error is at most this (0: never)
+    train_max_rounds: int = 20     # ...but no more rounds than this
     memory: bool = True  # peak memory of the inference (CPU: one fresh process per recipe, ~2 s each)
 
 
@@ -86,9 +90,10 @@ class TrainingSpeed:
     """What `measure_training_speed` measured, for the table and for the sentence under it."""
 
     rates: List[float]              # each job's figure, images/s (what `measure_training` returns)
-    spreads: List[float]            # each job's round-to-round spread (`relative_spreads`)
+    errors: List[Optional[float]]   # each job's relative standard error (`relative_errors`)
     round_rates: List[List[float]]  # images/s of each job in each round
     seconds: float                  # wall time of the whole measurement, calibration steps included
+    target_error: float = 0.0       # the standard error the rounds went on for (0: a fixed number of rounds)
 
     @property
     def rounds(self) -> int:
@@ -274,28 +279,32 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def relative_spreads(round_rates: Sequence[Sequence[float]]) -> List[float]:
-    """How far each job's standing among the jobs moved from round to round: in each round, the job's
-    rate over the geometric mean of all the jobs' rates of that round; the spread is (max - min) / median
-    of those relative rates over the rounds. A change of load that slows every job of a round alike
-    leaves it at 0; a job that sped up or slowed down against the others raises it. With a single job,
-    the spread of its own rates. Two rows whose figures differ by less than their spreads are within
-    what the measurement itself moved."""
+def relative_errors(round_rates: Sequence[Sequence[float]]) -> List[Optional[float]]:
+    """How precisely each job's figure stands against the others': in each round, the log of the job's
+    rate over the geometric mean of all the jobs' rates of that round, and the standard error of the
+    median of those over the rounds, sqrt(pi / 2) * standard deviation / sqrt(rounds) (the median's
+    error for normally distributed rounds), as a fraction. A change of load that slows every job of a
+    round alike cancels; a job that moves against the others raises it. The ratio of two rows is
+    uncertain by about the root sum of squares of their errors. With a single job, the error of its own
+    rate; with fewer than two rounds, None."""
+    import math
+
     if not round_rates:
         return []
-    if len(round_rates) == 1:
-        relative = [list(round_rates[0])]
-    else:
-        import math
-
-        logs = [[math.log(max(rate, 1e-12)) for rate in job] for job in round_rates]
+    logs = [[math.log(max(rate, 1e-12)) for rate in job] for job in round_rates]
+    if len(logs) > 1:
         centres = [sum(column) / len(column) for column in zip(*logs)]
-        relative = [[math.exp(value - centre) for value, centre in zip(job, centres)] for job in logs]
-    spreads = []
-    for values in relative:
-        middle = _median(values) if values else 0.0
-        spreads.append((max(values) - min(values)) / middle if middle > 0 else 0.0)
-    return spreads
+        logs = [[value - centre for value, centre in zip(job, centres)] for job in logs]
+    errors: List[Optional[float]] = []
+    for values in logs:
+        n = len(values)
+        if n < 2:
+            errors.append(None)
+            continue
+        mean = sum(values) / n
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        errors.append(math.sqrt(math.pi / 2) * sd / math.sqrt(n))
+    return errors
 
 
 def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
@@ -317,10 +326,12 @@ def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[Be
       between rounds moves every job of the round alike and cancels in the ratios. The first job's
       figure is its median; the absolute figures still depend on the load (the "(run)" column, the
       in-run average, depends on when each run happened to train);
-    - each job's `relative_spreads` value says how much its standing moved over the rounds, and
-      `seconds` how long the whole measurement took: the table prints both, so a reader can tell a
-      difference between rows from the measurement's own movement (docs/PERFORMANCE.md has what two
-      calls on one machine gave)."""
+    - after `train_rounds` rounds, more rounds while any job's standard error against the others
+      (`relative_errors`) is above `train_target_error`, up to `train_max_rounds` (with one job, or a target
+      of 0, exactly `train_rounds`): a noisy machine gets a longer measurement, a quiet one a short one.
+      The table prints each error and how long the whole measurement took, so a reader can tell a
+      difference between rows from the measurement's own noise (docs/PERFORMANCE.md has what calls on
+      one machine gave)."""
     import dataclasses
 
     import torch
@@ -351,20 +362,32 @@ def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[Be
             workload.config = dataclasses.replace(bench_cfg, steps=steps)
         workloads.append(workload)
     rates: List[List[float]] = [[] for _ in workloads]
+    target = settings.train_target_error if len(workloads) > 1 else 0.0
+    most = max(settings.train_rounds, settings.train_max_rounds) if target > 0 else settings.train_rounds
     bar = tqdm(total=settings.train_rounds * len(workloads), desc="training step", unit="run",
                disable=not progress, leave=False, dynamic_ncols=True)
-    for _ in range(settings.train_rounds):
+    errors: List[Optional[float]] = []
+    for done in range(1, most + 1):
         for i, workload in enumerate(workloads):
             rates[i].append(bench.measure(workload).images_per_s)
             bar.update(1)
+        errors = relative_errors(rates)
+        worst = max((e for e in errors if e is not None), default=None)
+        if worst is not None:
+            bar.set_postfix(error=f"{worst:.1%}")
+        if done >= settings.train_rounds and (target <= 0 or (worst is not None and worst <= target)):
+            break
+        if done >= settings.train_rounds and done < most:  # one more round
+            bar.total = (done + 1) * len(workloads)
+            bar.refresh()
     bar.close()
     seconds = time.perf_counter() - started
     if not rates or not rates[0]:
-        return TrainingSpeed([], [], rates, seconds)
+        return TrainingSpeed([], [], rates, seconds, target)
     first = _median(rates[0])
     figures = [first] + [first * _median([r / r0 for r, r0 in zip(job_rates, rates[0])])
                          for job_rates in rates[1:]]
-    return TrainingSpeed(figures, relative_spreads(rates), rates, seconds)
+    return TrainingSpeed(figures, errors, rates, seconds, target)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,7 +517,7 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
             "gmacs_train": cost_train["gmacs"],
             "gmacs_test": cost_test["gmacs"],
             "train_images_per_sec": None,  # measured below, all recipes in turn
-            "train_spread": None,
+            "train_error": None,
             "run_train_images_per_sec": summary.get("train_images_per_sec"),
             **inference,
             "top1": at_test[0]["top1"] if at_test else summary.get("val_top1"),
@@ -506,9 +529,9 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         bar.update(1)
     bar.close()
     speed = measure_training_speed(jobs, bench, progress=progress)
-    for row, rate, spread in zip(rows, speed.rates, speed.spreads):
+    for row, rate, error in zip(rows, speed.rates, speed.errors):
         row["train_images_per_sec"] = rate
-        row["train_spread"] = spread
+        row["train_error"] = error
     if not write:  # otherwise format_summary says it, under the table
         from ipu_effnet.analysis.report import training_speed_note
 

@@ -129,14 +129,30 @@ def _pareto_panel(ax, names: Sequence[str], xs: Sequence[Optional[float]], ys: S
     ax.grid(True, alpha=0.3)
 
 
+def error_bar(x: Optional[float], error: Optional[float]) -> Optional[Tuple[float, float]]:
+    """The extent of a throughput's error bar, x (1 - error) to x (1 + error), for a relative standard
+    error; None when there is nothing to draw."""
+    if x is None or x <= 0 or not error or error <= 0:
+        return None
+    return x * (1.0 - error), x * (1.0 + error)
+
+
 def plot_pareto(names: Sequence[str], top1: Sequence[float], train_ips: Sequence[Optional[float]],
-                infer_ips: Sequence[Optional[float]], path: os.PathLike, title: str = "") -> Path:
+                infer_ips: Sequence[Optional[float]], path: os.PathLike, title: str = "",
+                train_error: Optional[Sequence[Optional[float]]] = None) -> Path:
     """Two panels: top-1 (fractions in, percent shown) against training and against inference images/s,
-    each recipe a labelled point, the Pareto front (faster and more accurate is better) drawn dashed."""
+    each recipe a labelled point, the Pareto front (faster and more accurate is better) drawn dashed.
+    `train_error` (compare's "train ±", a relative standard error per recipe) draws each training rate's
+    error as a horizontal bar (`error_bar`): points whose bars overlap are not told apart by the measurement."""
     plt = _pyplot()
     ys = [100.0 * t for t in top1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    _pareto_panel(left, names, train_ips, ys, "training images/s")
+    bars = [error_bar(x, e) for x, e in zip(train_ips, train_error or [])]
+    for bar, y in zip(bars, ys):
+        if bar is not None:
+            left.plot(bar, [y, y], color="tab:gray", linewidth=1.5, alpha=0.6, zorder=2, solid_capstyle="butt")
+    _pareto_panel(left, names, train_ips, ys,
+                  "training images/s (bar: ± one standard error)" if any(bars) else "training images/s")
     _pareto_panel(right, names, infer_ips, ys, "inference images/s")
     fig.suptitle(title or "accuracy against throughput (up and right is better)")
     return _save(plt, fig, path)

@@ -23,7 +23,7 @@ COLUMNS = [
     ("gmacs_train", "GMACs train", "{:.4f}"),
     ("gmacs_test", "GMACs test", "{:.4f}"),
     ("train_images_per_sec", "train img/s", "{:.1f}"),
-    ("train_spread", "train spread", "{:.1%}"),
+    ("train_error", "train ±", "{:.1%}"),
     ("run_train_images_per_sec", "train img/s (run)", "{:.1f}"),
     ("infer_images_per_sec", "infer img/s", "{:.1f}"),
     ("peak_memory_mb", "peak mem (MB)", "{:.1f}"),
@@ -85,13 +85,15 @@ def _count(n: int, noun: str) -> str:
 
 
 def training_speed_note(speed: TrainingSpeed) -> str:
-    """The sentence that says how the "train img/s" column was measured and how far it moved."""
+    """The sentence that says how the "train img/s" column was measured and how precise it came out."""
     jobs = len(speed.round_rates)
     text = (f"training speed: {_count(speed.rounds, 'round')} of {_count(jobs, 'recipe')} taking turns, "
             f"{speed.seconds:.0f} s in all")
-    if speed.spreads:
-        text += (f"; train spread {min(speed.spreads):.1%}-{max(speed.spreads):.1%} "
-                 "(how far each recipe's rate moved against the others' over the rounds)")
+    known = [e for e in speed.errors if e is not None]
+    if known:
+        text += f"; standard error {min(known):.1%}-{max(known):.1%}"
+        if speed.target_error > 0 and max(known) > speed.target_error:
+            text += f" (above the {speed.target_error:.1%} aimed at: the rounds ran out)"
     return text
 
 
@@ -121,9 +123,9 @@ def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
 def _speed_clause(speed: Optional[TrainingSpeed]) -> str:
     if speed is None or not speed.rounds:
         return ""
-    return (f", {speed.rounds} rounds in {speed.seconds:.0f} s; \"train spread\" is (max - min) / median over "
-            "the rounds of the recipe's rate relative to the round's geometric mean over all recipes: "
-            "differences between rows smaller than the rows' spreads are within what the measurement itself moved")
+    return (f", {_count(speed.rounds, 'round')} in {speed.seconds:.0f} s; \"train ±\" is the standard error of the "
+            "recipe's rate relative to the other recipes' (each round's rates over their geometric mean); the "
+            "ratio of two rows is uncertain by about the root sum of squares of their errors")
 
 
 def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[str, List[Dict[str, Any]]],
@@ -153,7 +155,7 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
                                       out_dir / "accuracy_vs_resolution.png")
     par = plot_pareto([r["recipe"] for r in rows], [r["top1"] or 0.0 for r in rows],
                       [r.get("train_images_per_sec") for r in rows], [r.get("infer_images_per_sec") for r in rows],
-                      out_dir / "pareto.png")
+                      out_dir / "pareto.png", train_error=[r.get("train_error") for r in rows])
     files = {"compare.md": md, "compare.csv": csv_path, "accuracy_vs_resolution.png": acc, "pareto.png": par}
     if training_speed is not None and training_speed.rounds:
         files["training_speed.json"] = write_training_speed(out_dir / "training_speed.json", rows, training_speed)
@@ -161,13 +163,14 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
 
 
 def write_training_speed(path: Path, rows: Sequence[Dict[str, Any]], speed: TrainingSpeed) -> Path:
-    """Every round's rate of every recipe, beside the figures and spreads the table shows, for a reader
+    """Every round's rate of every recipe, beside the figures and standard errors the table shows, for a reader
     who wants to see how the measurement moved (or to judge it another way)."""
     import json
 
-    recipes = {row["recipe"]: {"images_per_sec": rate, "spread": spread, "rounds": rounds}
-               for row, rate, spread, rounds in zip(rows, speed.rates, speed.spreads, speed.round_rates)}
-    data = {"rounds": speed.rounds, "seconds": speed.seconds, "recipes": recipes,
+    recipes = {row["recipe"]: {"images_per_sec": rate, "error": error, "rounds": rounds}
+               for row, rate, error, rounds in zip(rows, speed.rates, speed.errors, speed.round_rates)}
+    data = {"rounds": speed.rounds, "seconds": speed.seconds, "target_error": speed.target_error,
+            "recipes": recipes,
             "method": "the recipes take turns; the first recipe's figure is the median of its rounds, every other "
                       "recipe's the first's median times the median of its per-round ratios to the first"}
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
