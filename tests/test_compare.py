@@ -41,6 +41,20 @@ def test_error_bar_spans_the_relative_error_either_side():
     assert error_bar(100.0, 0.0) is None and error_bar(None, 0.05) is None and error_bar(100.0, None) is None
 
 
+def test_training_speed_note_says_when_the_rounds_ran_out():
+    from ipu_effnet.analysis.compare import TrainingSpeed
+    from ipu_effnet.analysis.report import training_speed_note
+
+    rounds = [[1.0] * 20, [2.0] * 20]
+    short = training_speed_note(TrainingSpeed([1.0, 2.0], [0.01, 0.03], rounds, 275.4, 0.025))
+    assert short.startswith("training speed: 20 rounds of 2 recipes taking turns, 275 s in all")
+    assert "standard error 1.0%-3.0%" in short and "the largest, 3.00%, above the 2.50% aimed at" in short
+    reached = training_speed_note(TrainingSpeed([1.0, 2.0], [0.01, 0.02], rounds, 275.4, 0.025))
+    assert "standard error 1.0%-2.0%" in reached and "aimed at" not in reached
+    fixed = training_speed_note(TrainingSpeed([1.0, 2.0], [0.01, 0.03], rounds, 275.4, 0.0))
+    assert "aimed at" not in fixed
+
+
 def test_pareto_front_on_hand_made_points():
     points = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.7), (2.5, 0.6), (4.0, 0.3), (0.5, 0.95), (4.0, 0.2), (2.0, 0.9)]
     # (2.5, 0.6) is beaten by (3, 0.7); (4, 0.2) by (4, 0.3); the repeated (2, 0.9) is kept once

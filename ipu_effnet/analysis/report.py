@@ -93,7 +93,8 @@ def training_speed_note(speed: TrainingSpeed) -> str:
     if known:
         text += f"; standard error {min(known):.1%}-{max(known):.1%}"
         if speed.target_error > 0 and max(known) > speed.target_error:
-            text += f" (above the {speed.target_error:.1%} aimed at: the rounds ran out)"
+            text += (f" (the largest, {max(known):.2%}, above the {speed.target_error:.2%} aimed at: "
+                     "the rounds ran out)")
     return text
 
 
