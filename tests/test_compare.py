@@ -196,14 +196,18 @@ def test_bench_options_reach_the_settings_and_bad_ones_fail_before_any_work(comm
     assert (got.train_rounds, got.train_seconds, got.threads) == (9, 0.0, 1)
     assert (got.train_max_rounds, got.train_target_error) == (12, 0.05)
     default = bench_settings(parser.parse_args([command, *required, *out]))
-    assert (default.train_rounds, default.train_seconds, default.threads) == (5, 2.0, None)
-    assert (default.train_max_rounds, default.train_target_error) == (20, 0.025)
+    assert (default.train_rounds, default.train_seconds, default.threads) == (10, 2.0, None)
+    assert (default.train_max_rounds, default.train_target_error) == (20, 0.02)
+    quick = bench_settings(parser.parse_args([command, *required, *out, "--bench-max-rounds", "5"]))
+    assert (quick.train_rounds, quick.train_max_rounds) == (5, 5)  # the default least follows a lower most
     for option, value in [("--bench-rounds", "0"), ("--bench-seconds", "-1"), ("--bench-seconds", "nan"),
-                          ("--bench-threads", "0"), ("--bench-batch", "0"), ("--bench-max-rounds", "4"),
+                          ("--bench-threads", "0"), ("--bench-batch", "0"), ("--bench-max-rounds", "0"),
                           ("--bench-target-error", "1.5"), ("--bench-target-error", "-0.1"),
                           ("--bench-target-error", "nan")]:
         assert main([command, *required, *out, option, value]) == 2
         assert f"{option} {value}" in capsys.readouterr().err.replace("-1.0", "-1")
+    assert main([command, *required, *out, "--bench-rounds", "9", "--bench-max-rounds", "8"]) == 2
+    assert "--bench-max-rounds 8: must be at least --bench-rounds (9)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -76,12 +76,12 @@ class BenchSettings:
     steps: int = 5
     warmup: int = 2
     threads: Optional[int] = None
-    train_rounds: int = 5           # the least rounds
+    train_rounds: int = 10     # the least rounds: fewer give too rough an estimate of the error to stop on
     train_steps: int = 3
     train_warmup: int = 1
     train_seconds: float = 2.0  # the least timed work per recipe and round (0: exactly train_steps steps)
-    train_target_error: float = 0.025  # more rounds until every recipe's standard error is at most this (0: never)
-    train_max_rounds: int = 20     # ...but no more rounds than this
+    train_target_error: float = 0.02  # more rounds until every recipe's standard error is at most this (0: never)
+    train_max_rounds: int = 20  # ...but no more rounds than this
     memory: bool = True  # peak memory of the inference (CPU: one fresh process per recipe, ~2 s each)
 
 

@@ -42,12 +42,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchSettings()
     parser.add_argument("--bench-batch", type=int, default=d.batch, help="inference measurement batch size")
     parser.add_argument("--bench-steps", type=int, default=d.steps, help="inference measurement timed steps")
-    parser.add_argument("--bench-rounds", type=int, default=d.train_rounds,
+    parser.add_argument("--bench-rounds", type=int, default=None,
                         help="training-speed measurement: the least rounds of the recipes taking turns "
-                             "(default %(default)s)")
+                             f"(default {d.train_rounds}, or --bench-max-rounds where that is lower)")
     parser.add_argument("--bench-max-rounds", type=int, default=d.train_max_rounds,
                         help="training-speed measurement: the most rounds, run while a recipe's standard error "
-                             "is above --bench-target-error (default %(default)s)")
+                             "is above --bench-target-error (default %(default)s; 5 gives a quick look)")
     parser.add_argument("--bench-target-error", type=float, default=d.train_target_error,
                         help="training-speed measurement: the relative standard error to reach for every recipe "
                              "(default %(default)s; 0: exactly --bench-rounds rounds)")
@@ -65,21 +65,24 @@ def bench_settings(args: argparse.Namespace):
 
     from ipu_effnet.analysis.compare import BenchSettings
 
-    for name in ("bench_batch", "bench_steps", "bench_rounds"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    rounds = args.bench_rounds
+    for name in ("bench_batch", "bench_steps", "bench_rounds", "bench_max_rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if rounds is None:  # the default least rounds never exceeds an explicit most
+        rounds = min(BenchSettings.train_rounds, args.bench_max_rounds)
     if not (math.isfinite(args.bench_seconds) and args.bench_seconds >= 0):
         raise UsageError(f"--bench-seconds {args.bench_seconds}: must be 0 or more")
-    if args.bench_max_rounds < args.bench_rounds:
-        raise UsageError(f"--bench-max-rounds {args.bench_max_rounds}: must be at least --bench-rounds "
-                         f"({args.bench_rounds})")
+    if args.bench_max_rounds < rounds:
+        raise UsageError(f"--bench-max-rounds {args.bench_max_rounds}: must be at least --bench-rounds ({rounds})")
     if not (math.isfinite(args.bench_target_error) and 0 <= args.bench_target_error < 1):
         raise UsageError(f"--bench-target-error {args.bench_target_error}: must be 0 or more and below 1 "
                          "(a fraction: 0.025 is 2.5 %)")
     if args.bench_threads is not None and args.bench_threads < 1:
         raise UsageError(f"--bench-threads {args.bench_threads}: must be at least 1")
     return BenchSettings(batch=args.bench_batch, steps=args.bench_steps, threads=args.bench_threads,
-                         train_rounds=args.bench_rounds, train_seconds=args.bench_seconds,
+                         train_rounds=rounds, train_seconds=args.bench_seconds,
                          train_max_rounds=args.bench_max_rounds, train_target_error=args.bench_target_error)
 
 
