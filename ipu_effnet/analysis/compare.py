@@ -25,6 +25,7 @@ from one machine in one state; "train img/s (run)" is the average the run itself
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,12 +274,6 @@ def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSet
     return measure_training_speed(jobs, settings, progress).rates
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def relative_errors(round_rates: Sequence[Sequence[float]]) -> List[Optional[float]]:
     """How precisely each job's figure stands against the others': in each round, the log of the job's
     rate over the geometric mean of all the jobs' rates of that round, and the standard error of the
@@ -295,16 +290,8 @@ def relative_errors(round_rates: Sequence[Sequence[float]]) -> List[Optional[flo
     if len(logs) > 1:
         centres = [sum(column) / len(column) for column in zip(*logs)]
         logs = [[value - centre for value, centre in zip(job, centres)] for job in logs]
-    errors: List[Optional[float]] = []
-    for values in logs:
-        n = len(values)
-        if n < 2:
-            errors.append(None)
-            continue
-        mean = sum(values) / n
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        errors.append(math.sqrt(math.pi / 2) * sd / math.sqrt(n))
-    return errors
+    return [math.sqrt(math.pi / 2) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+            for values in logs]
 
 
 def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
@@ -384,8 +371,8 @@ def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[Be
     seconds = time.perf_counter() - started
     if not rates or not rates[0]:
         return TrainingSpeed([], [], rates, seconds, target)
-    first = _median(rates[0])
-    figures = [first] + [first * _median([r / r0 for r, r0 in zip(job_rates, rates[0])])
+    first = statistics.median(rates[0])
+    figures = [first] + [first * statistics.median([r / r0 for r, r0 in zip(job_rates, rates[0])])
                          for job_rates in rates[1:]]
     return TrainingSpeed(figures, errors, rates, seconds, target)
 
