@@ -30,8 +30,8 @@ train: {{epochs: 1, micro_batch: 8, optimizer: sgd, lr: 0.05, lr_schedule: cosin
 logging: {{progress: false, log_every: 1}}
 """
 # memory off: each CPU measurement is a fresh process (~2 s); the tests that check it turn it on
-BENCH = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, train_seconds=0,
-                      train_target_error=0, memory=False)
+BENCH = BenchSettings(batch=2, steps=1, warmup=0, infer_seconds=0, rounds=1, train_steps=1, train_warmup=0,
+                      train_seconds=0, target_error=0, memory=False)
 
 
 def test_error_bar_spans_the_relative_error_either_side():
@@ -41,18 +41,20 @@ def test_error_bar_spans_the_relative_error_either_side():
     assert error_bar(100.0, 0.0) is None and error_bar(None, 0.05) is None and error_bar(100.0, None) is None
 
 
-def test_training_speed_note_says_when_the_rounds_ran_out():
-    from ipu_effnet.analysis.compare import TrainingSpeed
-    from ipu_effnet.analysis.report import training_speed_note
+def test_speed_note_says_when_the_rounds_ran_out():
+    from ipu_effnet.analysis.compare import SpeedMeasurement
+    from ipu_effnet.analysis.report import speed_note
 
     rounds = [[1.0] * 20, [2.0] * 20]
-    short = training_speed_note(TrainingSpeed([1.0, 2.0], [0.01, 0.03], rounds, 275.4, 0.025))
+    short = speed_note(SpeedMeasurement([1.0, 2.0], [0.01, 0.03], rounds, 275.4, 0.025))
     assert short.startswith("training speed: 20 rounds of 2 recipes taking turns, 275 s in all")
     assert "standard error 1.0%-3.0%" in short and "the largest, 3.00%, above the 2.50% aimed at" in short
-    reached = training_speed_note(TrainingSpeed([1.0, 2.0], [0.01, 0.02], rounds, 275.4, 0.025))
+    reached = speed_note(SpeedMeasurement([1.0, 2.0], [0.01, 0.02], rounds, 275.4, 0.025))
     assert "standard error 1.0%-2.0%" in reached and "aimed at" not in reached
-    fixed = training_speed_note(TrainingSpeed([1.0, 2.0], [0.01, 0.03], rounds, 275.4, 0.0))
+    fixed = speed_note(SpeedMeasurement([1.0, 2.0], [0.01, 0.03], rounds, 275.4, 0.0))
     assert "aimed at" not in fixed
+    inference = speed_note(SpeedMeasurement([1.0, 2.0], [0.01, 0.03], rounds, 61.0, 0.0, "inference"))
+    assert inference.startswith("inference speed: 20 rounds of 2 recipes taking turns, 61 s in all")
 
 
 def test_pareto_front_on_hand_made_points():
@@ -114,7 +116,8 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
         assert float(r["gmacs_train"]) == pytest.approx(float(r["gmacs_test"]))
         assert float(r["infer_images_per_sec"]) > 0 and float(r["train_images_per_sec"]) > 0
         assert float(r["run_train_images_per_sec"]) > 0  # the run's own average, kept beside it
-        assert r["train_error"] == ""  # one round (BENCH): no standard error yet
+        assert r["train_error"] == "" and r["infer_error"] == ""  # one round (BENCH): no standard error yet
+        assert int(r["bench_batch"]) == BENCH.batch
         assert 0.0 <= float(r["top1"]) <= 1.0
         assert int(r["best_resolution"]) in (32, 40)
         assert r["peak_memory_mb"] == "" and r["memory_kind"] == ""  # memory off: not measured
@@ -122,12 +125,18 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
     md = (out / "compare.md").read_text()
     assert "| tiny-group |" in md and "GMACs train" in md and "not measured" in md
     speed = result.training_speed
-    assert speed.rounds == BENCH.train_rounds and len(speed.round_rates) == 2 and speed.seconds > 0
+    assert speed.rounds == BENCH.rounds and len(speed.round_rates) == 2 and speed.seconds > 0
     assert f"in {speed.seconds:.0f} s" in md and "train ±" in md and "standard error" in md
+    inference = result.inference_speed
+    assert inference.what == "inference" and inference.rounds == BENCH.rounds and len(inference.round_rates) == 2
+    assert [float(r["infer_images_per_sec"]) for r in rows] == pytest.approx(inference.rates)
+    assert f"{inference.rounds} round in {inference.seconds:.0f} s" in md and "infer ±" in md
     text = format_summary(result)
     assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
     rounds = "1 round" if speed.rounds == 1 else f"{speed.rounds} rounds"
     assert f"training speed: {rounds} of 2 recipes taking turns" in text
+    assert f"inference speed: {rounds} of 2 recipes taking turns" in text
+    assert json.loads((out / "inference_speed.json").read_text())["measurement"] == "inference"
     recorded = json.loads((out / "training_speed.json").read_text())
     assert recorded["rounds"] == speed.rounds and sorted(recorded["recipes"]) == ["tiny-group", "tiny-layer"]
     assert recorded["recipes"]["tiny-layer"]["rounds"] == speed.round_rates[1]
@@ -191,16 +200,18 @@ def test_bench_options_reach_the_settings_and_bad_ones_fail_before_any_work(comm
     out = ["--out", str(tmp_path / "out")]
     parser, _ = build_parser()
     args = parser.parse_args([command, *required, *out, "--bench-rounds", "9", "--bench-seconds", "0",
-                              "--bench-threads", "1", "--bench-max-rounds", "12", "--bench-target-error", "0.05"])
+                              "--bench-threads", "1", "--bench-max-rounds", "12", "--bench-target-error", "0.05",
+                              "--bench-infer-seconds", "0.5"])
     got = bench_settings(args)
-    assert (got.train_rounds, got.train_seconds, got.threads) == (9, 0.0, 1)
-    assert (got.train_max_rounds, got.train_target_error) == (12, 0.05)
+    assert (got.rounds, got.train_seconds, got.threads, got.infer_seconds) == (9, 0.0, 1, 0.5)
+    assert (got.max_rounds, got.target_error) == (12, 0.05)
     default = bench_settings(parser.parse_args([command, *required, *out]))
-    assert (default.train_rounds, default.train_seconds, default.threads) == (10, 2.0, None)
-    assert (default.train_max_rounds, default.train_target_error) == (20, 0.02)
+    assert (default.rounds, default.train_seconds, default.threads, default.infer_seconds) == (10, 2.0, None, 1.0)
+    assert (default.max_rounds, default.target_error) == (20, 0.02)
     quick = bench_settings(parser.parse_args([command, *required, *out, "--bench-max-rounds", "5"]))
-    assert (quick.train_rounds, quick.train_max_rounds) == (5, 5)  # the default least follows a lower most
+    assert (quick.rounds, quick.max_rounds) == (5, 5)  # the default least follows a lower most
     for option, value in [("--bench-rounds", "0"), ("--bench-seconds", "-1"), ("--bench-seconds", "nan"),
+                          ("--bench-infer-seconds", "-1"), ("--bench-infer-seconds", "inf"),
                           ("--bench-threads", "0"), ("--bench-batch", "0"), ("--bench-max-rounds", "0"),
                           ("--bench-target-error", "1.5"), ("--bench-target-error", "-0.1"),
                           ("--bench-target-error", "nan")]:
@@ -243,7 +254,7 @@ def test_training_speed_is_measured_with_the_recipes_taking_turns(monkeypatch):
         name, kwargs = model_kwargs(cfg)
         jobs.append({"model": create_model(name, **kwargs), "cfg": cfg, "resolution": res})
     before = jobs[0]["model"].classifier.weight.detach().clone()
-    got = measure_training(jobs, BenchSettings(train_rounds=3))
+    got = measure_training(jobs, BenchSettings(rounds=3))
     assert order == [32, 16, 32, 16, 32, 16]
     assert got == [20.0, 200.0]
     assert not torch.equal(before, jobs[0]["model"].classifier.weight)
@@ -272,7 +283,7 @@ def test_training_speed_ratios_come_from_rounds_measured_back_to_back(monkeypatc
 
     rates = iter([10.0, 100.0, 30.0, 150.0, 20.0, 200.0])
     monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
-    got = measure_training(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0, train_target_error=0))
+    got = measure_training(_training_jobs(2), BenchSettings(rounds=3, train_seconds=0, target_error=0))
     assert got == [20.0, 200.0]
 
 
@@ -289,7 +300,7 @@ def test_training_speed_error_ignores_load_that_moves_every_job_alike(monkeypatc
 
     rates = iter([10.0, 100.0, 20.0, 200.0, 40.0, 400.0])
     monkeypatch.setattr(bench_mod, "measure", lambda workload: Timing(next(rates), 1.0))
-    speed = measure_training_speed(_training_jobs(2), BenchSettings(train_rounds=3, train_seconds=0))
+    speed = measure_training_speed(_training_jobs(2), BenchSettings(rounds=3, train_seconds=0))
     assert speed.round_rates == [[10.0, 20.0, 40.0], [100.0, 200.0, 400.0]]
     assert speed.rates == [20.0, 200.0] and speed.rounds == 3 and speed.seconds > 0
     assert speed.errors == pytest.approx([0.0, 0.0], abs=1e-12)
@@ -322,15 +333,15 @@ def test_training_speed_goes_on_until_the_standard_error_is_reached(monkeypatch)
     from ipu_effnet.analysis.compare import measure_training_speed, relative_errors
 
     _alternating_rates(monkeypatch)
-    settings = BenchSettings(train_rounds=3, train_seconds=0, train_target_error=0.08, train_max_rounds=40)
+    settings = BenchSettings(rounds=3, train_seconds=0, target_error=0.08, max_rounds=40)
     speed = measure_training_speed(_training_jobs(2), settings)
     assert speed.rounds > 3 and speed.target_error == 0.08
     assert max(speed.errors) <= 0.08
     assert max(relative_errors([r[:-1] for r in speed.round_rates])) > 0.08  # one round fewer: not yet
 
-    capped = measure_training_speed(_training_jobs(2), dataclasses.replace(settings, train_max_rounds=4))
+    capped = measure_training_speed(_training_jobs(2), dataclasses.replace(settings, max_rounds=4))
     assert capped.rounds == 4 and max(capped.errors) > 0.08
-    fixed = measure_training_speed(_training_jobs(2), dataclasses.replace(settings, train_target_error=0))
+    fixed = measure_training_speed(_training_jobs(2), dataclasses.replace(settings, target_error=0))
     assert fixed.rounds == 3 and fixed.target_error == 0
     alone = measure_training_speed(_training_jobs(1), settings)
     assert alone.rounds == 3 and alone.target_error == 0  # one job: no ratio to make precise
@@ -350,8 +361,8 @@ def test_training_speed_measures_at_least_train_seconds_per_round(monkeypatch):
         return Timing(1.0, 1.0)
 
     monkeypatch.setattr(bench_mod, "measure", fake_measure)
-    measure_training(_training_jobs(1), BenchSettings(train_rounds=1, train_steps=2, train_seconds=0))
-    measure_training(_training_jobs(1), BenchSettings(train_rounds=1, train_steps=2, train_seconds=600.0))
+    measure_training(_training_jobs(1), BenchSettings(rounds=1, train_steps=2, train_seconds=0))
+    measure_training(_training_jobs(1), BenchSettings(rounds=1, train_steps=2, train_seconds=600.0))
     assert steps[0] == 2 and steps[1] > 2
 
 
@@ -370,11 +381,49 @@ def test_training_speed_times_the_step_bench_builds(monkeypatch):
 
     monkeypatch.setattr(bench_mod, "training_workload", spy)
     jobs = _training_jobs(1)
-    (rate,) = measure_training(jobs, BenchSettings(train_rounds=1, train_steps=1, train_warmup=0, train_seconds=0))
+    (rate,) = measure_training(jobs, BenchSettings(rounds=1, train_steps=1, train_warmup=0, train_seconds=0))
     ((cfg, network, res, train),) = built
     assert network is jobs[0]["model"] and res == 16 and train is jobs[0]["cfg"].train
     assert (cfg.mode, cfg.batch, cfg.num_classes, cfg.res) == ("train", 2 * train.grad_accum, 4, 16)
     assert rate > 0
+
+def test_inference_speed_takes_turns_in_eval_mode_without_grad(monkeypatch):
+    """compare's inference column is measured as its training column is: the recipes take turns round by
+    round, each network in eval mode (set before every round: the same network is trained afterwards)
+    and without autograd, each round's passes sized from a calibration pass to fill infer_seconds."""
+    from ipu_effnet.analysis import bench as bench_mod
+    import torch
+
+    from ipu_effnet.analysis.compare import measure_inference_speed
+    from ipu_effnet.models import create_model
+
+    models = [create_model("efficientnet_tiny", num_classes=4, norm="group") for _ in range(2)]
+    seen = []
+    for i, model in enumerate(models):
+        model.register_forward_pre_hook(
+            lambda mod, args, i=i: seen.append((i, mod.training, torch.is_grad_enabled(), tuple(args[0].shape))))
+    real, steps = bench_mod.measure, []
+
+    def spy(workload):
+        steps.append(workload.config.steps)
+        for model in models:
+            model.train()  # whatever ran before a round, the round itself runs in eval mode
+        return real(workload)
+
+    monkeypatch.setattr(bench_mod, "measure", spy)
+    jobs = [{"model": models[0], "resolution": 32}, {"model": models[1], "resolution": 16}]
+    settings = BenchSettings(batch=3, steps=2, warmup=1, infer_seconds=0, rounds=2, target_error=0)
+    speed = measure_inference_speed(jobs, settings)
+    assert speed.what == "inference" and speed.rounds == 2 and all(rate > 0 for rate in speed.rates)
+    assert [i for i, *_ in seen] == [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3  # warm-up + timed, in turns
+    assert not any(training or grad for _, training, grad, _ in seen)
+    assert {shape for *_, shape in seen} == {(3, 3, 32, 32), (3, 3, 16, 16)}
+    assert steps == [2, 2, 2, 2]
+
+    steps.clear()
+    measure_inference_speed(jobs[1:], dataclasses.replace(settings, infer_seconds=0.3, rounds=1))
+    assert steps[0] > 2  # a pass of this network takes far less than 0.3 s / 2
+
 
 @pytest.mark.slow
 def test_inference_memory_comes_from_a_fresh_process_and_grows_with_the_batch():

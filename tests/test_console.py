@@ -81,7 +81,7 @@ def test_captured_quickstart_reads_well_and_tensorboard_lists_each_recipe(tmp_pa
             "finetune.micro_batch=8", "train.bn_recalibration_batches=1"]
     with open(log, "wb") as f:
         proc = subprocess.run([sys.executable, "-m", "ipu_effnet", "quickstart", "--out", str(out),
-                               "--bench-rounds", "1", "--bench-max-rounds", "1", "--bench-seconds", "0", "--bench-steps", "1",
+                               "--bench-rounds", "1", "--bench-max-rounds", "1", "--bench-seconds", "0", "--bench-infer-seconds", "0", "--bench-steps", "1",
                                *[a for s in sets for a in ("--set", s)]], stdout=f, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     text = log.read_bytes().decode()

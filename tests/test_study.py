@@ -176,8 +176,8 @@ def test_micro_study_writes_every_output_and_its_means_match_the_seeds(tmp_path)
     (tmp_path / "micro.yaml").write_text(MICRO_PRESET)
     plan = plan_study(load_preset(str(tmp_path / "micro.yaml")), str(data))
     assert "model.num_classes=4" in plan.overrides
-    bench = BenchSettings(batch=2, steps=1, warmup=0, train_rounds=1, train_steps=1, train_warmup=0, train_seconds=0,
-                          train_target_error=0, memory=False)
+    bench = BenchSettings(batch=2, steps=1, warmup=0, infer_seconds=0, rounds=1, train_steps=1, train_warmup=0, train_seconds=0,
+                          target_error=0, memory=False)
     out = tmp_path / "study"
     result = study(plan, out, bench=bench, progress=False, log=lambda _m: None)
     for name in ("runs.csv", "study.csv", "study.md", "findings.md", "accuracy_vs_resolution.png", "pareto.png"):

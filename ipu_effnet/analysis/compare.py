@@ -13,13 +13,15 @@ Layout of `out_dir` (the files other than runs/ are written by analysis/report.p
     accuracy_vs_resolution.png   every recipe's sweep on one plot
     pareto.png                   top-1 against training and inference images/s, Pareto front drawn
     training_speed.json          every round's training rate of every recipe, with the table's figures
+    inference_speed.json         the same for the inference rates
 
 A run with summary.json is complete and is not trained again; one with checkpoints but no summary was
 interrupted and is resumed; its sweep is reused while sweep.csv is newer than summary.json. Inference
 speed and memory, and the training step's speed, are measured again on every call (inference memory on
-the CPU as `bench` measures it: the VmHWM of a fresh process per recipe, `measure_inference_memory`), for all recipes with
-the same settings (training: the recipes take turns, round by round), so that one table's numbers come
-from one machine in one state; "train img/s (run)" is the average the run itself saw while training.
+the CPU as `bench` measures it: the VmHWM of a fresh process per recipe, `measure_inference_memory`), for all
+recipes with the same settings (both speeds with the recipes taking turns, round by round: `take_turns`),
+so that one table's numbers come from one machine in one state; "train img/s (run)" is the average the
+run itself saw while training.
 """
 
 from __future__ import annotations
@@ -66,35 +68,39 @@ class Recipe:
 
 @dataclass
 class BenchSettings:
-    """The measurements, identical for every recipe of one comparison: inference (batch, steps,
-    warm-up, and its peak memory) and the training step (rounds over all recipes in turn, each of
-    `train_warmup` untimed steps and then at least `train_steps` timed ones, and as many more as fill
-    `train_seconds`, at the recipe's own training resolution and micro-batch: at least `train_rounds`
-    rounds, and more, up to `train_max_rounds`, until every recipe's standard error is at most
-    `train_target_error`; see `measure_training_speed`)."""
+    """The measurements, identical for every recipe of one comparison. Inference: `batch` random images
+    at the test resolution, `warmup` untimed and at least `steps` timed forward passes a round, as many more
+    as fill `infer_seconds`; its peak memory (`memory`). The training step: `train_warmup` untimed and at
+    least `train_steps` timed steps a round at the recipe's own training resolution and micro-batch, as
+    many more as fill `train_seconds`. Both measurements take turns over the recipes, at least `rounds`
+    rounds, and more, up to `max_rounds`, until every recipe's standard error is at most `target_error`
+    (`take_turns`)."""
 
     batch: int = 16
     steps: int = 5
     warmup: int = 2
+    infer_seconds: float = 1.0  # the least timed inference per recipe and round (0: exactly `steps` passes)
     threads: Optional[int] = None
-    train_rounds: int = 10     # the least rounds: fewer give too rough an estimate of the error to stop on
+    rounds: int = 10     # the least rounds: fewer give too rough an estimate of the error to stop on
     train_steps: int = 3
     train_warmup: int = 1
-    train_seconds: float = 2.0  # the least timed work per recipe and round (0: exactly train_steps steps)
-    train_target_error: float = 0.02  # more rounds until every recipe's standard error is at most this (0: never)
-    train_max_rounds: int = 20  # ...but no more rounds than this
+    train_seconds: float = 2.0  # the least timed training per recipe and round (0: exactly train_steps steps)
+    target_error: float = 0.02  # more rounds until every recipe's standard error is at most this (0: never)
+    max_rounds: int = 20  # ...but no more rounds than this
     memory: bool = True  # peak memory of the inference (CPU: one fresh process per recipe, ~2 s each)
 
 
 @dataclass
-class TrainingSpeed:
-    """What `measure_training_speed` measured, for the table and for the sentence under it."""
+class SpeedMeasurement:
+    """What one speed measurement (`measure_training_speed`, `measure_inference_speed`; both `take_turns`)
+    found, for the table and for the sentence under it."""
 
     rates: List[float]              # each job's figure, images/s (what `measure_training` returns)
     errors: List[Optional[float]]   # each job's relative standard error (`relative_errors`)
     round_rates: List[List[float]]  # images/s of each job in each round
     seconds: float                  # wall time of the whole measurement, calibration steps included
     target_error: float = 0.0       # the standard error the rounds went on for (0: a fixed number of rounds)
+    what: str = "training"          # "training" or "inference"
 
     @property
     def rounds(self) -> int:
@@ -109,7 +115,8 @@ class CompareResult:
     trained: List[str]   # recipes trained (or resumed) by this call
     skipped: List[str]   # recipes already complete
     files: Dict[str, Path]
-    training_speed: Optional[TrainingSpeed] = None  # how the "train img/s" column was measured
+    training_speed: Optional[SpeedMeasurement] = None  # how the "train img/s" column was measured
+    inference_speed: Optional[SpeedMeasurement] = None  # how the "infer img/s" column was measured
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,49 +230,73 @@ def measure_inference_memory(model_args: Dict[str, Any], resolution: int,
                             f"batch {settings.batch}")
 
 
-def measure_inference(model: Any, resolution: int, settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
-    """Inference images/s of `model` (eval mode, no grad, random input) at `resolution`, timed by the bench
-    machinery (`analysis.bench.measure`: warm-up, then timed steps), and the peak memory of that work: on a
-    GPU CUDA max allocated during the timed work above what was allocated before; on the CPU the VmHWM of a
-    fresh process running the same inference (`measure_inference_memory`, from `model.model_args`; None
-    without them or with settings.memory off)."""
+def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
+    """The peak memory of `model`'s inference (eval mode, no grad, random input) at `resolution`: on a GPU
+    CUDA max allocated during `warmup` + `steps` forward passes above what was allocated before; on the CPU
+    the VmHWM of a fresh process running the same inference (`measure_inference_memory`, from
+    `model.model_args`; None without them). Every field None with settings.memory off."""
     import torch
 
-    from ipu_effnet.analysis.bench import BenchConfig, Workload, measure
-
     settings = settings or BenchSettings()
-
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device).eval()
-    cfg = BenchConfig(model=getattr(model, "name", "model"), res=resolution, batch=settings.batch, steps=settings.steps,
-                      warmup=settings.warmup, threads=settings.threads, mode="infer")
-    if device.type == "cuda":
+    out: Dict[str, Any] = {"peak_memory_mb": None, "memory_kind": None, "built_memory_mb": None,
+                           "memory_method": None}
+    if not settings.memory:
+        return out
+    if torch.cuda.is_available():
+        model = model.to("cuda").eval()
+        images = torch.randn(settings.batch, 3, resolution, resolution, device="cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            for _ in range(settings.warmup + settings.steps):
+                model(images)
+        torch.cuda.synchronize()
+        peak = max(torch.cuda.max_memory_allocated() - before, 0)
+        out.update(peak_memory_mb=peak / 2**20, memory_kind="cuda",
+                   memory_method="torch.cuda.max_memory_allocated during the inference passes, above the level before")
+    elif getattr(model, "model_args", None) is not None:
+        memory = measure_inference_memory(model.model_args, resolution, settings)
+        out.update(peak_memory_mb=memory["peak_rss_mb"], memory_kind="vmhwm", built_memory_mb=memory["built_rss_mb"],
+                   memory_method=memory["method"])
+    return out
+
+
+def inference_workload(model: Any, resolution: int, settings: BenchSettings) -> Any:
+    """`bench`'s Workload for one recipe's inference: `settings.batch` random images at `resolution`, eval
+    mode (set before every round: the same network is trained afterwards), no grad, on the GPU if there
+    is one."""
+    import torch
+
+    from ipu_effnet.analysis.bench import BenchConfig, Workload
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = model.to(device)
+    cfg = BenchConfig(model=getattr(model, "name", "model"), res=resolution, batch=settings.batch, steps=settings.steps,
+                      warmup=settings.warmup, threads=settings.threads, mode="infer", device=device.type)
     images = torch.randn(settings.batch, 3, resolution, resolution, device=device)
 
     def step() -> None:
         with torch.no_grad():
             model(images)
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    timing = measure(Workload(cfg, resolution, step, {}))
-    out: Dict[str, Any] = {"infer_images_per_sec": timing.images_per_s, "peak_memory_mb": None,
-                           "memory_kind": None, "built_memory_mb": None, "memory_method": None,
-                           "bench_batch": settings.batch}
-    if not settings.memory:
-        return out
-    if device.type == "cuda":
-        peak = max(torch.cuda.max_memory_allocated() - before, 0)
-        out.update(peak_memory_mb=peak / 2**20, memory_kind="cuda",
-                   memory_method="torch.cuda.max_memory_allocated during the timed steps, above the level before")
-    elif getattr(model, "model_args", None) is not None:
-        memory = measure_inference_memory(model.model_args, resolution, settings)
-        out.update(peak_memory_mb=memory["peak_rss_mb"], memory_kind="vmhwm",
-                   built_memory_mb=memory["built_rss_mb"], memory_method=memory["method"])
-    return out
+    return Workload(cfg, resolution, step, {}, begin=model.eval, sync=sync)
+
+
+def measure_inference_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
+                            progress: bool = False) -> SpeedMeasurement:
+    """Inference images/s of each job ({"model", "resolution"}: the recipe's network at its test
+    resolution; `inference_workload`), measured as `measure_training_speed` measures the training step:
+    the recipes take turns, rounds of at least `settings.steps` timed forward passes filling
+    `settings.infer_seconds`, until every recipe's standard error is at most `settings.target_error`
+    (between `settings.rounds` and `settings.max_rounds` rounds; see `take_turns`)."""
+    settings = settings or BenchSettings()
+    workloads = [inference_workload(job["model"], int(job["resolution"]), settings) for job in jobs]
+    return take_turns(workloads, settings, settings.infer_seconds, "inference", progress)
 
 
 def measure_training(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
@@ -295,40 +326,19 @@ def relative_errors(round_rates: Sequence[Sequence[float]]) -> List[Optional[flo
 
 
 def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
-                           progress: bool = False) -> TrainingSpeed:
+                           progress: bool = False) -> SpeedMeasurement:
     """Training images/s of each job ({"model", "cfg", "resolution"}): the recipe's own step, built by
     `bench.training_workload` (the one definition of a training step bench also times: TrainingModel with
     the recipe's loss and mixing, its optimiser, TorchRunner.step) on a synthetic uint8 host batch at the
-    job's resolution and micro-batch x accumulation. The models are trained in place: pass copies.
-
-    Built so that the ratios between jobs hold from one call to the next on a machine other work shares:
-
-    - two calibration steps per job first (the first also builds oneDNN's primitives for the job's
-      shapes), and from the second one's time the number of steps that fills `train_seconds`, at least
-      `train_steps`: a round of a fast recipe is then not a fraction of a second that one scheduler
-      hiccup can halve;
-    - the jobs take turns, `train_rounds` rounds of `train_warmup` + timed steps each, in this one process;
-    - each job's figure is the first job's median rate times the median over the rounds of the job's rate
-      over the first job's rate in the same round (measured back to back), so that a change of load
-      between rounds moves every job of the round alike and cancels in the ratios. The first job's
-      figure is its median; the absolute figures still depend on the load (the "(run)" column, the
-      in-run average, depends on when each run happened to train);
-    - after `train_rounds` rounds, more rounds while any job's standard error against the others
-      (`relative_errors`) is above `train_target_error`, up to `train_max_rounds` (with one job, or a target
-      of 0, exactly `train_rounds`): a noisy machine gets a longer measurement, a quiet one a short one.
-      The table prints each error and how long the whole measurement took, so a reader can tell a
-      difference between rows from the measurement's own noise (docs/PERFORMANCE.md has what calls on
-      one machine gave)."""
-    import dataclasses
-
+    job's resolution and micro-batch x accumulation, `settings.train_warmup` untimed and at least
+    `settings.train_steps` timed steps a round, as many more as fill `settings.train_seconds`; the jobs
+    take turns (`take_turns`). The models are trained in place: pass copies."""
     import torch
 
     from ipu_effnet.analysis import bench
-    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
 
     settings = settings or BenchSettings()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
     workloads = []
     for job in jobs:
         cfg, res = job["cfg"], int(job["resolution"])
@@ -336,22 +346,58 @@ def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[Be
         bench_cfg = bench.BenchConfig(model=cfg.model.name, res=res, batch=batch, steps=settings.train_steps,
                                       warmup=settings.train_warmup, threads=settings.threads, mode="train",
                                       num_classes=cfg.model.num_classes, device=device)
-        workload = bench.training_workload(bench_cfg, job["model"], res, train=cfg.train)
-        if settings.train_seconds > 0:
-            bench.set_threads(settings.threads)
-            workload.step()  # the first step of a shape also builds oneDNN's primitives: not timed
-            workload.sync()
-            start = time.perf_counter()
-            workload.step()
-            workload.sync()
-            took = max(time.perf_counter() - start, 1e-6)
-            steps = max(settings.train_steps, int(-(-settings.train_seconds // took)))
-            workload.config = dataclasses.replace(bench_cfg, steps=steps)
-        workloads.append(workload)
+        workloads.append(bench.training_workload(bench_cfg, job["model"], res, train=cfg.train))
+    return take_turns(workloads, settings, settings.train_seconds, "training", progress)
+
+
+def take_turns(workloads: Sequence[Any], settings: BenchSettings, seconds: float, what: str,
+               progress: bool = False) -> SpeedMeasurement:
+    """Images/s of each of `bench`'s workloads, built so that the ratios between them hold from one call to
+    the next on a machine other work shares:
+
+    - two calibration steps per workload first (the first also builds oneDNN's primitives for its
+      shapes), and from the second one's time the number of steps that fills `seconds`, at least the
+      workload's own `steps` (`seconds` 0: exactly those): a round of a fast recipe is then not a fraction
+      of a second that one scheduler hiccup can halve;
+    - the workloads take turns, round after round of warm-up + timed steps each, in this one process;
+    - each figure is the first workload's median rate times the median over the rounds of the workload's
+      rate over the first one's in the same round (measured back to back), so that a change of load
+      between rounds moves every workload of the round alike and cancels in the ratios. The first
+      figure is its median; the absolute figures still depend on the load;
+    - after `settings.rounds` rounds, more rounds while any workload's standard error against the others
+      (`relative_errors`) is above `settings.target_error`, up to `settings.max_rounds` (with one workload,
+      or a target of 0, exactly `settings.rounds`): a noisy machine gets a longer measurement, a quiet one
+      a short one. The table prints each error and how long the measurement took, so a reader can tell a
+      difference between rows from the measurement's own noise (docs/PERFORMANCE.md has what calls on
+      one machine gave).
+
+    `what` ("training", "inference") names the measurement in the progress bar and the result."""
+    import dataclasses
+
+    from ipu_effnet.analysis import bench
+    from ipu_effnet.console import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log
+
+    started = time.perf_counter()
+    workloads = list(workloads)
+    if seconds > 0:
+        for workload in workloads:
+            bench.set_threads(workload.config.threads)
+            workload.begin()
+            try:
+                workload.step()  # the first step of a shape also builds oneDNN's primitives: not timed
+                workload.sync()
+                start = time.perf_counter()
+                workload.step()
+                workload.sync()
+                took = max(time.perf_counter() - start, 1e-6)
+            finally:
+                workload.end()
+            steps = max(workload.config.steps, int(-(-seconds // took)))
+            workload.config = dataclasses.replace(workload.config, steps=steps)
     rates: List[List[float]] = [[] for _ in workloads]
-    target = settings.train_target_error if len(workloads) > 1 else 0.0
-    most = max(settings.train_rounds, settings.train_max_rounds) if target > 0 else settings.train_rounds
-    bar = tqdm(total=settings.train_rounds * len(workloads), desc="training step", unit="run",
+    target = settings.target_error if len(workloads) > 1 else 0.0
+    most = max(settings.rounds, settings.max_rounds) if target > 0 else settings.rounds
+    bar = tqdm(total=settings.rounds * len(workloads), desc=f"{what} speed", unit="run",
                disable=not progress, leave=False, dynamic_ncols=True)
     errors: List[Optional[float]] = []
     for done in range(1, most + 1):
@@ -362,19 +408,19 @@ def measure_training_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[Be
         worst = max((e for e in errors if e is not None), default=None)
         if worst is not None:
             bar.set_postfix(error=f"{worst:.1%}")
-        if done >= settings.train_rounds and (target <= 0 or (worst is not None and worst <= target)):
+        if done >= settings.rounds and (target <= 0 or (worst is not None and worst <= target)):
             break
-        if done >= settings.train_rounds and done < most:  # one more round
+        if done >= settings.rounds and done < most:  # one more round
             bar.total = (done + 1) * len(workloads)
             bar.refresh()
     bar.close()
-    seconds = time.perf_counter() - started
+    seconds_taken = time.perf_counter() - started
     if not rates or not rates[0]:
-        return TrainingSpeed([], [], rates, seconds, target)
+        return SpeedMeasurement([], [], rates, seconds_taken, target, what)
     first = statistics.median(rates[0])
     figures = [first] + [first * statistics.median([r / r0 for r, r0 in zip(job_rates, rates[0])])
                          for job_rates in rates[1:]]
-    return TrainingSpeed(figures, errors, rates, seconds, target)
+    return SpeedMeasurement(figures, errors, rates, seconds_taken, target, what)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -490,8 +536,8 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
         ckpt = load_checkpoint(resolve_checkpoint(run_dir))
         cost_train = model_cost(ckpt["model_args"], res["train_resolution"])
         cost_test = model_cost(ckpt["model_args"], res["test_resolution"])
-        network = rebuild_model(ckpt)  # measured for inference now, trained by measure_training below
-        inference = measure_inference(network, res["test_resolution"], bench)
+        network = rebuild_model(ckpt)  # its memory now; its speed below, all recipes in turn, then trained
+        memory = inference_memory(network, res["test_resolution"], bench)
         at_test = [r for r in rows_sweep if r["resolution"] == res["test_resolution"]]
         best = best_row(rows_sweep)
         rows.append({
@@ -506,25 +552,36 @@ def compare(recipes: Sequence[Recipe], out_dir: os.PathLike, overrides: Sequence
             "train_images_per_sec": None,  # measured below, all recipes in turn
             "train_error": None,
             "run_train_images_per_sec": summary.get("train_images_per_sec"),
-            **inference,
+            "infer_images_per_sec": None,  # measured below, all recipes in turn
+            "infer_error": None,
+            "bench_batch": bench.batch,
+            **memory,
             "top1": at_test[0]["top1"] if at_test else summary.get("val_top1"),
             "best_resolution": best["resolution"],
             "best_top1": best["top1"],
             "wall_seconds": summary.get("wall_seconds"),
         })
-        jobs.append({"model": network, "cfg": cfg, "resolution": res["train_resolution"]})
+        jobs.append({"model": network, "cfg": cfg, "train_resolution": res["train_resolution"],
+                     "test_resolution": res["test_resolution"]})
         bar.update(1)
     bar.close()
-    speed = measure_training_speed(jobs, bench, progress=progress)
-    for row, rate, error in zip(rows, speed.rates, speed.errors):
+    inference = measure_inference_speed([{"model": j["model"], "resolution": j["test_resolution"]} for j in jobs],
+                                        bench, progress=progress)
+    training = measure_training_speed([dict(j, resolution=j["train_resolution"]) for j in jobs], bench,
+                                      progress=progress)
+    for row, rate, error in zip(rows, inference.rates, inference.errors):
+        row["infer_images_per_sec"] = rate
+        row["infer_error"] = error
+    for row, rate, error in zip(rows, training.rates, training.errors):
         row["train_images_per_sec"] = rate
         row["train_error"] = error
     if not write:  # otherwise format_summary says it, under the table
-        from ipu_effnet.analysis.report import training_speed_note
+        from ipu_effnet.analysis.report import speed_note
 
-        say(training_speed_note(speed))
-    files = write_outputs(out_dir, rows, sweeps, speed) if write else {}
-    return CompareResult(out_dir, rows, sweeps, trained, skipped, files, speed)
+        say(speed_note(inference))
+        say(speed_note(training))
+    files = write_outputs(out_dir, rows, sweeps, training, inference) if write else {}
+    return CompareResult(out_dir, rows, sweeps, trained, skipped, files, training, inference)
 
 
 def elapsed(start: float) -> str:

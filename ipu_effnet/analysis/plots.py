@@ -139,21 +139,23 @@ def error_bar(x: Optional[float], error: Optional[float]) -> Optional[Tuple[floa
 
 def plot_pareto(names: Sequence[str], top1: Sequence[float], train_ips: Sequence[Optional[float]],
                 infer_ips: Sequence[Optional[float]], path: os.PathLike, title: str = "",
-                train_error: Optional[Sequence[Optional[float]]] = None) -> Path:
+                train_error: Optional[Sequence[Optional[float]]] = None,
+                infer_error: Optional[Sequence[Optional[float]]] = None) -> Path:
     """Two panels: top-1 (fractions in, percent shown) against training and against inference images/s,
     each recipe a labelled point, the Pareto front (faster and more accurate is better) drawn dashed.
-    `train_error` (compare's "train ±", a relative standard error per recipe) draws each training rate's
-    error as a horizontal bar (`error_bar`): points whose bars overlap are not told apart by the measurement."""
+    `train_error` and `infer_error` (compare's "train ±" and "infer ±", a relative standard error per
+    recipe) draw each rate's error as a horizontal bar (`error_bar`): points whose bars overlap are not
+    told apart by the measurement."""
     plt = _pyplot()
     ys = [100.0 * t for t in top1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    bars = [error_bar(x, e) for x, e in zip(train_ips, train_error or [])]
-    for bar, y in zip(bars, ys):
-        if bar is not None:
-            left.plot(bar, [y, y], color="tab:gray", linewidth=1.5, alpha=0.6, zorder=2, solid_capstyle="butt")
-    _pareto_panel(left, names, train_ips, ys,
-                  "training images/s (bar: ± one standard error)" if any(bars) else "training images/s")
-    _pareto_panel(right, names, infer_ips, ys, "inference images/s")
+    for ax, xs, errors, label in ((left, train_ips, train_error, "training images/s"),
+                                  (right, infer_ips, infer_error, "inference images/s")):
+        bars = [error_bar(x, e) for x, e in zip(xs, errors or [])]
+        for bar, y in zip(bars, ys):
+            if bar is not None:
+                ax.plot(bar, [y, y], color="tab:gray", linewidth=1.5, alpha=0.6, zorder=2, solid_capstyle="butt")
+        _pareto_panel(ax, names, xs, ys, f"{label} (bar: ± one standard error)" if any(bars) else label)
     fig.suptitle(title or "accuracy against throughput (up and right is better)")
     return _save(plt, fig, path)
 

@@ -1,6 +1,7 @@
 """The outputs of a recipe comparison (`compare`): its table (`COLUMNS`, `format_table`), the summary
 printed at the end, the note on what the memory column measured, and the files `write_outputs` writes
-(compare.md, compare.csv, accuracy_vs_resolution.png, pareto.png)."""
+(compare.md, compare.csv, accuracy_vs_resolution.png, pareto.png, training_speed.json,
+inference_speed.json)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 if TYPE_CHECKING:
-    from ipu_effnet.analysis.compare import CompareResult, TrainingSpeed
+    from ipu_effnet.analysis.compare import CompareResult, SpeedMeasurement
 
 # (key, markdown header, format) in table order.
 COLUMNS = [
@@ -26,6 +27,7 @@ COLUMNS = [
     ("train_error", "train ±", "{:.1%}"),
     ("run_train_images_per_sec", "train img/s (run)", "{:.1f}"),
     ("infer_images_per_sec", "infer img/s", "{:.1f}"),
+    ("infer_error", "infer ±", "{:.1%}"),
     ("peak_memory_mb", "peak mem (MB)", "{:.1f}"),
     ("top1", "top-1 @ test px", "{:.2%}"),
     ("best_resolution", "best px", "{}"),
@@ -69,8 +71,9 @@ def format_summary(result: CompareResult) -> str:
         fast_inf = max(rows, key=lambda r: r["infer_images_per_sec"])
         lines.append(f"fastest inference: {fast_inf['recipe']} ({fast_inf['infer_images_per_sec']:.1f} img/s at "
                      f"{fast_inf['test_resolution']} px)")
-    if result.training_speed is not None and result.training_speed.rounds:
-        lines.append(training_speed_note(result.training_speed))
+    for speed in (result.inference_speed, result.training_speed):
+        if speed is not None and speed.rounds:
+            lines.append(speed_note(speed))
     if result.skipped:
         lines.append(f"reused {len(result.skipped)} complete run(s): {', '.join(result.skipped)}")
     lines.append("")
@@ -84,10 +87,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def training_speed_note(speed: TrainingSpeed) -> str:
-    """The sentence that says how the "train img/s" column was measured and how precise it came out."""
+def speed_note(speed: SpeedMeasurement) -> str:
+    """The sentence that says how the "train img/s" or "infer img/s" column was measured and how precise it
+    came out."""
     jobs = len(speed.round_rates)
-    text = (f"training speed: {_count(speed.rounds, 'round')} of {_count(jobs, 'recipe')} taking turns, "
+    text = (f"{speed.what} speed: {_count(speed.rounds, 'round')} of {_count(jobs, 'recipe')} taking turns, "
             f"{speed.seconds:.0f} s in all")
     known = [e for e in speed.errors if e is not None]
     if known:
@@ -121,16 +125,15 @@ def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def _speed_clause(speed: Optional[TrainingSpeed]) -> str:
+def _speed_clause(speed: Optional[SpeedMeasurement]) -> str:
     if speed is None or not speed.rounds:
         return ""
-    return (f", {_count(speed.rounds, 'round')} in {speed.seconds:.0f} s; \"train ±\" is the standard error of the "
-            "recipe's rate relative to the other recipes' (each round's rates over their geometric mean); the "
-            "ratio of two rows is uncertain by about the root sum of squares of their errors")
+    return f" ({_count(speed.rounds, 'round')} in {speed.seconds:.0f} s)"
 
 
 def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[str, List[Dict[str, Any]]],
-                  training_speed: Optional[TrainingSpeed] = None) -> Dict[str, Path]:
+                  training_speed: Optional[SpeedMeasurement] = None,
+                  inference_speed: Optional[SpeedMeasurement] = None) -> Dict[str, Path]:
     from ipu_effnet.analysis.plots import plot_accuracy_vs_resolution, plot_pareto
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,12 +141,13 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
     md.write_text(
         "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
         f"Inference images/s and peak memory, measured on this machine at the test resolution, batch "
-        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe; "
-        f"{memory_note(rows)} Training images/s: "
-        "the recipe's training step at its training resolution and micro-batch, measured here with the recipes "
-        "taking turns (median of the rounds)"
-        f"{_speed_clause(training_speed)}; \"(run)\" and wall time come from each run's summary.json. "
-        "How to read this: docs/recipes.md.\n",
+        f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe, the recipes "
+        f"taking turns (median of the rounds){_speed_clause(inference_speed)}; {memory_note(rows)} Training "
+        "images/s: the recipe's training step at its training resolution and micro-batch, measured here the same "
+        f"way{_speed_clause(training_speed)}. \"train ±\" and \"infer ±\" are the standard errors of a recipe's "
+        "rate relative to the other recipes' (each round's rates over their geometric mean); the ratio of two "
+        "rows is uncertain by about the root sum of squares of their errors. \"(run)\" and wall time come from "
+        "each run's summary.json. How to read this: docs/recipes.md.\n",
         encoding="utf-8")
     csv_path = out_dir / "compare.csv"
     keys = [k for k, _, _ in COLUMNS] + ["memory_kind", "built_memory_mb", "memory_method", "bench_batch"]
@@ -156,21 +160,24 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
                                       out_dir / "accuracy_vs_resolution.png")
     par = plot_pareto([r["recipe"] for r in rows], [r["top1"] or 0.0 for r in rows],
                       [r.get("train_images_per_sec") for r in rows], [r.get("infer_images_per_sec") for r in rows],
-                      out_dir / "pareto.png", train_error=[r.get("train_error") for r in rows])
+                      out_dir / "pareto.png", train_error=[r.get("train_error") for r in rows],
+                      infer_error=[r.get("infer_error") for r in rows])
     files = {"compare.md": md, "compare.csv": csv_path, "accuracy_vs_resolution.png": acc, "pareto.png": par}
-    if training_speed is not None and training_speed.rounds:
-        files["training_speed.json"] = write_training_speed(out_dir / "training_speed.json", rows, training_speed)
+    for speed in (training_speed, inference_speed):
+        if speed is not None and speed.rounds:
+            name = f"{speed.what}_speed.json"
+            files[name] = write_speed(out_dir / name, rows, speed)
     return files
 
 
-def write_training_speed(path: Path, rows: Sequence[Dict[str, Any]], speed: TrainingSpeed) -> Path:
+def write_speed(path: Path, rows: Sequence[Dict[str, Any]], speed: SpeedMeasurement) -> Path:
     """Every round's rate of every recipe, beside the figures and standard errors the table shows, for a reader
     who wants to see how the measurement moved (or to judge it another way)."""
     import json
 
     recipes = {row["recipe"]: {"images_per_sec": rate, "error": error, "rounds": rounds}
                for row, rate, error, rounds in zip(rows, speed.rates, speed.errors, speed.round_rates)}
-    data = {"rounds": speed.rounds, "seconds": speed.seconds, "target_error": speed.target_error,
+    data = {"measurement": speed.what, "rounds": speed.rounds, "seconds": speed.seconds, "target_error": speed.target_error,
             "recipes": recipes,
             "method": "the recipes take turns; the first recipe's figure is the median of its rounds, every other "
                       "recipe's the first's median times the median of its per-round ratios to the first"}

@@ -58,7 +58,8 @@ STUDY_COLUMNS = ["recipe", "norm", "kind", "seeds"] + list(SHARED_FIELDS) + \
     [f"{k}_{s}" for k in SUMMARY_METRICS for s in ("mean", "std")]
 RUN_COLUMNS = ["run", "recipe", "norm", "kind", "seed", "model", "norm_kind", "params", "train_resolution",
                "test_resolution", "gmacs_train", "gmacs_test", "train_images_per_sec", "train_error",
-               "run_train_images_per_sec", "infer_images_per_sec", "peak_memory_mb", "top1", "best_resolution", "best_top1", "wall_seconds"]
+               "run_train_images_per_sec", "infer_images_per_sec", "infer_error", "peak_memory_mb", "top1",
+               "best_resolution", "best_top1", "wall_seconds"]
 
 VERDICT_RULE = ("d = the difference of the means over seeds, in the direction the paper claims; se = its "
                 "standard error, sqrt(s_a^2/n_a + s_b^2/n_b) with s the sample standard deviation over seeds "

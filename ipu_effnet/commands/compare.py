@@ -41,19 +41,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = BenchSettings()
     parser.add_argument("--bench-batch", type=int, default=d.batch, help="inference measurement batch size")
-    parser.add_argument("--bench-steps", type=int, default=d.steps, help="inference measurement timed steps")
-    parser.add_argument("--bench-rounds", type=int, default=None,
-                        help="training-speed measurement: the least rounds of the recipes taking turns "
-                             f"(default {d.train_rounds}, or --bench-max-rounds where that is lower)")
-    parser.add_argument("--bench-max-rounds", type=int, default=d.train_max_rounds,
-                        help="training-speed measurement: the most rounds, run while a recipe's standard error "
-                             "is above --bench-target-error (default %(default)s; 5 gives a quick look)")
-    parser.add_argument("--bench-target-error", type=float, default=d.train_target_error,
-                        help="training-speed measurement: the relative standard error to reach for every recipe "
-                             "(default %(default)s; 0: exactly --bench-rounds rounds)")
+    parser.add_argument("--bench-steps", type=int, default=d.steps,
+                        help="inference measurement: the least timed steps per recipe and round (default %(default)s)")
+    parser.add_argument("--bench-infer-seconds", type=float, default=d.infer_seconds,
+                        help="inference measurement: the least timed seconds per recipe and round "
+                             "(default %(default)s; 0: exactly --bench-steps steps)")
     parser.add_argument("--bench-seconds", type=float, default=d.train_seconds,
                         help="training-speed measurement: the least timed seconds per recipe and round "
                              f"(default %(default)s; 0: exactly {d.train_steps} steps)")
+    parser.add_argument("--bench-rounds", type=int, default=None,
+                        help="both speed measurements: the least rounds of the recipes taking turns "
+                             f"(default {d.rounds}, or --bench-max-rounds where that is lower)")
+    parser.add_argument("--bench-max-rounds", type=int, default=d.max_rounds,
+                        help="both speed measurements: the most rounds, run while a recipe's standard error "
+                             "is above --bench-target-error (default %(default)s; 5 gives a quick look)")
+    parser.add_argument("--bench-target-error", type=float, default=d.target_error,
+                        help="both speed measurements: the relative standard error to reach for every recipe "
+                             "(default %(default)s; 0: exactly --bench-rounds rounds)")
     parser.add_argument("--bench-threads", type=int, default=d.threads,
                         help="threads for the measurements (default: torch's; 1 gives steadier ratios "
                              "between rows on a small shared machine, docs/PERFORMANCE.md)")
@@ -71,9 +75,11 @@ def bench_settings(args: argparse.Namespace):
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if rounds is None:  # the default least rounds never exceeds an explicit most
-        rounds = min(BenchSettings.train_rounds, args.bench_max_rounds)
-    if not (math.isfinite(args.bench_seconds) and args.bench_seconds >= 0):
-        raise UsageError(f"--bench-seconds {args.bench_seconds}: must be 0 or more")
+        rounds = min(BenchSettings.rounds, args.bench_max_rounds)
+    for name in ("bench_seconds", "bench_infer_seconds"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
     if args.bench_max_rounds < rounds:
         raise UsageError(f"--bench-max-rounds {args.bench_max_rounds}: must be at least --bench-rounds ({rounds})")
     if not (math.isfinite(args.bench_target_error) and 0 <= args.bench_target_error < 1):
@@ -81,9 +87,9 @@ def bench_settings(args: argparse.Namespace):
                          "(a fraction: 0.025 is 2.5 %)")
     if args.bench_threads is not None and args.bench_threads < 1:
         raise UsageError(f"--bench-threads {args.bench_threads}: must be at least 1")
-    return BenchSettings(batch=args.bench_batch, steps=args.bench_steps, threads=args.bench_threads,
-                         train_rounds=rounds, train_seconds=args.bench_seconds,
-                         train_max_rounds=args.bench_max_rounds, train_target_error=args.bench_target_error)
+    return BenchSettings(batch=args.bench_batch, steps=args.bench_steps, infer_seconds=args.bench_infer_seconds,
+                         threads=args.bench_threads, rounds=rounds, train_seconds=args.bench_seconds,
+                         max_rounds=args.bench_max_rounds, target_error=args.bench_target_error)
 
 
 def select_recipes(args: argparse.Namespace):
