@@ -119,7 +119,8 @@ def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
                      "built_memory_mb in compare.csv), so the differences between rows are what the networks and "
                      "their activations need.")
     if "cuda" in kinds:
-        parts.append("peak mem (GPU): CUDA max allocated during the timed inference, above what was allocated before.")
+        parts.append("peak mem (GPU): CUDA max allocated during the warm-up and the least timed inference passes, "
+                     "above what was allocated before.")
     if None in kinds:
         parts.append("peak mem \"-\": not measured.")
     return " ".join(parts)
