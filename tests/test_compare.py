@@ -130,7 +130,8 @@ def test_compare_writes_table_and_plots_and_rerun_skips_completed_runs(tmp_path)
     inference = result.inference_speed
     assert inference.what == "inference" and inference.rounds == BENCH.rounds and len(inference.round_rates) == 2
     assert [float(r["infer_images_per_sec"]) for r in rows] == pytest.approx(inference.rates)
-    assert f"{inference.rounds} round in {inference.seconds:.0f} s" in md and "infer ±" in md
+    assert f"(median of the rounds, {inference.rounds} round in {inference.seconds:.0f} s)" in md and "infer ±" in md
+    assert f"(the recipes taking turns, {speed.rounds} round in {speed.seconds:.0f} s)" in md
     text = format_summary(result)
     assert "most accurate:" in text and "reused 1 complete run(s): tiny-group" in text
     rounds = "1 round" if speed.rounds == 1 else f"{speed.rounds} rounds"
@@ -391,9 +392,9 @@ def test_inference_speed_takes_turns_in_eval_mode_without_grad(monkeypatch):
     """compare's inference column is measured as its training column is: the recipes take turns round by
     round, each network in eval mode (set before every round: the same network is trained afterwards)
     and without autograd, each round's passes sized from a calibration pass to fill infer_seconds."""
-    from ipu_effnet.analysis import bench as bench_mod
     import torch
 
+    from ipu_effnet.analysis import bench as bench_mod
     from ipu_effnet.analysis.compare import measure_inference_speed
     from ipu_effnet.models import create_model
 

@@ -129,7 +129,7 @@ def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
 def _speed_clause(speed: Optional[SpeedMeasurement]) -> str:
     if speed is None or not speed.rounds:
         return ""
-    return f" ({_count(speed.rounds, 'round')} in {speed.seconds:.0f} s)"
+    return f", {_count(speed.rounds, 'round')} in {speed.seconds:.0f} s"
 
 
 def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[str, List[Dict[str, Any]]],
@@ -143,10 +143,11 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
         "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
         f"Inference images/s and peak memory, measured on this machine at the test resolution, batch "
         f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe, the recipes "
-        f"taking turns (median of the rounds){_speed_clause(inference_speed)}; {memory_note(rows)} Training "
+        f"taking turns (median of the rounds{_speed_clause(inference_speed)}); {memory_note(rows)} Training "
         "images/s: the recipe's training step at its training resolution and micro-batch, measured here the same "
-        f"way{_speed_clause(training_speed)}. \"train ±\" and \"infer ±\" are the standard errors of a recipe's "
-        "rate relative to the other recipes' (each round's rates over their geometric mean); the ratio of two "
+        f"way (the recipes taking turns{_speed_clause(training_speed)}). \"train ±\" and \"infer ±\" are the "
+        "standard errors of a recipe's rate relative to the other recipes' (each round's rates over their "
+        "geometric mean); the ratio of two "
         "rows is uncertain by about the root sum of squares of their errors. \"(run)\" and wall time come from "
         "each run's summary.json. How to read this: docs/recipes.md.\n",
         encoding="utf-8")
