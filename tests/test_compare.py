@@ -388,27 +388,29 @@ def test_training_speed_times_the_step_bench_builds(monkeypatch):
     assert (cfg.mode, cfg.batch, cfg.num_classes, cfg.res) == ("train", 2 * train.grad_accum, 4, 16)
     assert rate > 0
 
-def test_inference_speed_takes_turns_in_eval_mode_without_grad(monkeypatch):
+def test_inference_speed_takes_turns_on_the_inference_copy_without_grad(monkeypatch):
     """compare's inference column is measured as its training column is: the recipes take turns round by
-    round, each network in eval mode (set before every round: the same network is trained afterwards)
-    and without autograd, each round's passes sized from a calibration pass to fill infer_seconds."""
+    round, each round's passes sized from a calibration pass to fill infer_seconds. What it times is the
+    network evaluate, sweep and predict run: the inference copy (BatchNorm folded; eval mode) on
+    channels_last input, without autograd, while the recipe's own network stays as it was."""
     import torch
 
     from ipu_effnet.analysis import bench as bench_mod
     from ipu_effnet.analysis.compare import measure_inference_speed
     from ipu_effnet.models import create_model
+    from ipu_effnet.models.fold import count_batchnorm
 
-    models = [create_model("efficientnet_tiny", num_classes=4, norm="group") for _ in range(2)]
+    models = [create_model("efficientnet_tiny", num_classes=4, norm=norm) for norm in ("batch", "group")]
     seen = []
     for i, model in enumerate(models):
-        model.register_forward_pre_hook(
-            lambda mod, args, i=i: seen.append((i, mod.training, torch.is_grad_enabled(), tuple(args[0].shape))))
+        model.train()
+        model.register_forward_pre_hook(lambda mod, args, i=i: seen.append(
+            (i, mod.training, torch.is_grad_enabled(), tuple(args[0].shape), count_batchnorm(mod),
+             args[0].is_contiguous(memory_format=torch.channels_last))))
     real, steps = bench_mod.measure, []
 
     def spy(workload):
         steps.append(workload.config.steps)
-        for model in models:
-            model.train()  # whatever ran before a round, the round itself runs in eval mode
         return real(workload)
 
     monkeypatch.setattr(bench_mod, "measure", spy)
@@ -417,8 +419,10 @@ def test_inference_speed_takes_turns_in_eval_mode_without_grad(monkeypatch):
     speed = measure_inference_speed(jobs, settings)
     assert speed.what == "inference" and speed.rounds == 2 and all(rate > 0 for rate in speed.rates)
     assert [i for i, *_ in seen] == [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3  # warm-up + timed, in turns
-    assert not any(training or grad for _, training, grad, _ in seen)
-    assert {shape for *_, shape in seen} == {(3, 3, 32, 32), (3, 3, 16, 16)}
+    assert not any(training or grad for _, training, grad, *_ in seen)
+    assert {(i, shape) for i, _, _, shape, *_ in seen} == {(0, (3, 3, 32, 32)), (1, (3, 3, 16, 16))}
+    assert all(batchnorms == 0 and channels_last for *_, batchnorms, channels_last in seen)  # the folded copy
+    assert models[0].training and count_batchnorm(models[0]) > 0  # the recipe's network untouched
     assert steps == [2, 2, 2, 2]
 
     steps.clear()

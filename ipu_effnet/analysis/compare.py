@@ -195,8 +195,9 @@ def model_cost(model_args: Dict[str, Any], resolution: int) -> Dict[str, float]:
 def inference_memory_probe(payload: Dict[str, Any]) -> Dict[str, Any]:
     """Run in bench's fresh process (`bench.run_memory_probe`): the network built from a checkpoint's
     `model_args` (fresh weights: memory does not depend on their values, and loading the checkpoint file
-    would add its size to the peak), eval mode, random images of `batch` x `resolution`, then
-    `bench.step_memory` over no-grad forward passes, the inference compare times."""
+    would add its size to the peak), its inference copy in channels_last (`inference_network`), random
+    images of `batch` x `resolution`, then `bench.step_memory` over no-grad forward passes, the inference
+    compare times."""
     import torch
 
     from ipu_effnet.analysis.bench import set_threads, step_memory
@@ -204,15 +205,26 @@ def inference_memory_probe(payload: Dict[str, Any]) -> Dict[str, Any]:
 
     set_threads(payload.get("threads"))
     torch.manual_seed(0)
-    model = create_model_from_args(payload["model_args"]).eval()
+    model = inference_network(create_model_from_args(payload["model_args"]), torch.device("cpu"))
     res = int(payload["resolution"])
-    images = torch.randn(int(payload["batch"]), 3, res, res)
+    images = torch.randn(int(payload["batch"]), 3, res, res).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         with torch.no_grad():
             model(images)
 
     return step_memory(step)
+
+
+def inference_network(model: Any, device: Any) -> Any:
+    """What compare times and measures for inference: the network's inference copy (`models.fold.inference_copy`:
+    BatchNorm folded into its convolutions, Proxy Norm's scale and shift frozen; eval mode) in channels_last
+    on `device`, the network `evaluate`, `sweep`, `predict` and `export` run. `model` is left as it is."""
+    import torch
+
+    from ipu_effnet.models.fold import inference_copy
+
+    return inference_copy(model).to(device, memory_format=torch.channels_last)
 
 
 def measure_inference_memory(model_args: Dict[str, Any], resolution: int,
@@ -231,10 +243,11 @@ def measure_inference_memory(model_args: Dict[str, Any], resolution: int,
 
 
 def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
-    """The peak memory of `model`'s inference (eval mode, no grad, random input) at `resolution`: on a GPU
-    CUDA max allocated during `warmup` + `steps` forward passes above what was allocated before; on the CPU
-    the VmHWM of a fresh process running the same inference (`measure_inference_memory`, from
-    `model.model_args`; None without them). Every field None with settings.memory off."""
+    """The peak memory of `model`'s inference (its `inference_network`, no grad, random input) at
+    `resolution`: on a GPU CUDA max allocated during `warmup` + `steps` forward passes above what was
+    allocated before; on the CPU the VmHWM of a fresh process running the same inference
+    (`measure_inference_memory`, from `model.model_args`; None without them). Every field None with
+    settings.memory off."""
     import torch
 
     settings = settings or BenchSettings()
@@ -243,15 +256,17 @@ def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettin
     if not settings.memory:
         return out
     if torch.cuda.is_available():
-        model = model.to("cuda").eval()
+        network = inference_network(model, torch.device("cuda"))
         images = torch.randn(settings.batch, 3, resolution, resolution, device="cuda")
+        images = images.contiguous(memory_format=torch.channels_last)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         with torch.no_grad():
             for _ in range(settings.warmup + settings.steps):
-                model(images)
+                network(images)
         torch.cuda.synchronize()
+        del network
         peak = max(torch.cuda.max_memory_allocated() - before, 0)
         out.update(peak_memory_mb=peak / 2**20, memory_kind="cuda",
                    memory_method="torch.cuda.max_memory_allocated during the inference passes, above the level before")
@@ -263,34 +278,36 @@ def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettin
 
 
 def inference_workload(model: Any, resolution: int, settings: BenchSettings) -> Any:
-    """`bench`'s Workload for one recipe's inference: `settings.batch` random images at `resolution`, eval
-    mode (set before every round: the same network is trained afterwards), no grad, on the GPU if there
-    is one."""
+    """`bench`'s Workload for one recipe's inference: its `inference_network` (a copy: `model` is left as it
+    is), `settings.batch` random images at `resolution` in channels_last, no grad, on the GPU if there is
+    one."""
     import torch
 
     from ipu_effnet.analysis.bench import BenchConfig, Workload
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device)
+    network = inference_network(model, device)
     cfg = BenchConfig(model=getattr(model, "name", "model"), res=resolution, batch=settings.batch, steps=settings.steps,
-                      warmup=settings.warmup, threads=settings.threads, mode="infer", device=device.type)
+                      warmup=settings.warmup, threads=settings.threads, mode="infer", device=device.type,
+                      channels_last=True)
     images = torch.randn(settings.batch, 3, resolution, resolution, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         with torch.no_grad():
-            model(images)
+            network(images)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return Workload(cfg, resolution, step, {}, begin=model.eval, sync=sync)
+    return Workload(cfg, resolution, step, {}, sync=sync)
 
 
 def measure_inference_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,
                             progress: bool = False) -> SpeedMeasurement:
-    """Inference images/s of each job ({"model", "resolution"}: the recipe's network at its test
-    resolution; `inference_workload`), measured as `measure_training_speed` measures the training step:
+    """Inference images/s of each job ({"model", "resolution"}: the recipe's network, whose inference copy
+    is timed, at its test resolution; `inference_workload`), measured as `measure_training_speed` measures the training step:
     the recipes take turns, rounds of at least `settings.steps` timed forward passes filling
     `settings.infer_seconds`, until every recipe's standard error is at most `settings.target_error`
     (between `settings.rounds` and `settings.max_rounds` rounds; see `take_turns`)."""

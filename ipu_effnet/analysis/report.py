@@ -113,7 +113,8 @@ def memory_note(rows: Sequence[Dict[str, Any]]) -> str:
         low, high = (f"{min(built):.0f}", f"{max(built):.0f}") if built else ("", "")
         span = "most" if not built else f"{low} MB" if low == high else f"{low}-{high} MB"
         parts.append("peak mem (CPU): the peak resident memory (VmHWM) of a fresh Python process that builds the "
-                     f"recipe's network from its checkpoint's model_args and runs {MEMORY_STEPS} inference steps, "
+                     f"recipe's network from its checkpoint's model_args and runs {MEMORY_STEPS} inference steps of its "
+                     "inference copy, "
                      "as `bench` "
                      f"measures it; the interpreter and torch are included ({span} of it before the first step, "
                      "built_memory_mb in compare.csv), so the differences between rows are what the networks and "
@@ -141,7 +142,8 @@ def write_outputs(out_dir: Path, rows: Sequence[Dict[str, Any]], sweeps: Dict[st
     md = out_dir / "compare.md"
     md.write_text(
         "# Recipe comparison\n\n" + format_table(rows) + "\n\n"
-        f"Inference images/s and peak memory, measured on this machine at the test resolution, batch "
+        f"Inference images/s and peak memory, measured on this machine on each network's inference copy "
+        f"(BatchNorm folded, Proxy Norm frozen, channels_last) at the test resolution, batch "
         f"{rows[0].get('bench_batch', '-') if rows else '-'}, the same settings for every recipe, the recipes "
         f"taking turns (median of the rounds{_speed_clause(inference_speed)}); {memory_note(rows)} Training "
         "images/s: the recipe's training step at its training resolution and micro-batch, measured here the same "
