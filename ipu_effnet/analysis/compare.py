@@ -195,9 +195,8 @@ def model_cost(model_args: Dict[str, Any], resolution: int) -> Dict[str, float]:
 def inference_memory_probe(payload: Dict[str, Any]) -> Dict[str, Any]:
     """Run in bench's fresh process (`bench.run_memory_probe`): the network built from a checkpoint's
     `model_args` (fresh weights: memory does not depend on their values, and loading the checkpoint file
-    would add its size to the peak), its inference copy in channels_last (`inference_network`), random
-    images of `batch` x `resolution`, then `bench.step_memory` over no-grad forward passes, the inference
-    compare times."""
+    would add its size to the peak), then `bench.step_memory` over the forward passes compare times
+    (`inference_workload`: its inference copy in channels_last, random images of `batch` x `resolution`)."""
     import torch
 
     from ipu_effnet.analysis.bench import set_threads, step_memory
@@ -205,26 +204,10 @@ def inference_memory_probe(payload: Dict[str, Any]) -> Dict[str, Any]:
 
     set_threads(payload.get("threads"))
     torch.manual_seed(0)
-    model = inference_network(create_model_from_args(payload["model_args"]), torch.device("cpu"))
-    res = int(payload["resolution"])
-    images = torch.randn(int(payload["batch"]), 3, res, res).contiguous(memory_format=torch.channels_last)
-
-    def step() -> None:
-        with torch.no_grad():
-            model(images)
-
-    return step_memory(step)
-
-
-def inference_network(model: Any, device: Any) -> Any:
-    """What compare times and measures for inference: the network's inference copy (`models.fold.inference_copy`:
-    BatchNorm folded into its convolutions, Proxy Norm's scale and shift frozen; eval mode) in channels_last
-    on `device`, the network `evaluate`, `sweep`, `predict` and `export` run. `model` is left as it is."""
-    import torch
-
-    from ipu_effnet.models.fold import inference_copy
-
-    return inference_copy(model).to(device, memory_format=torch.channels_last)
+    settings = BenchSettings(batch=int(payload["batch"]), threads=payload.get("threads"))
+    workload = inference_workload(create_model_from_args(payload["model_args"]), int(payload["resolution"]),
+                                  settings, device="cpu")
+    return step_memory(workload.step)
 
 
 def measure_inference_memory(model_args: Dict[str, Any], resolution: int,
@@ -243,7 +226,7 @@ def measure_inference_memory(model_args: Dict[str, Any], resolution: int,
 
 
 def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettings] = None) -> Dict[str, Any]:
-    """The peak memory of `model`'s inference (its `inference_network`, no grad, random input) at
+    """The peak memory of `model`'s inference (`inference_workload`: its inference copy, no grad) at
     `resolution`: on a GPU CUDA max allocated during `warmup` + `steps` forward passes above what was
     allocated before; on the CPU the VmHWM of a fresh process running the same inference
     (`measure_inference_memory`, from `model.model_args`; None without them). Every field None with
@@ -256,17 +239,14 @@ def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettin
     if not settings.memory:
         return out
     if torch.cuda.is_available():
-        network = inference_network(model, torch.device("cuda"))
-        images = torch.randn(settings.batch, 3, resolution, resolution, device="cuda")
-        images = images.contiguous(memory_format=torch.channels_last)
+        workload = inference_workload(model, resolution, settings)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        with torch.no_grad():
-            for _ in range(settings.warmup + settings.steps):
-                network(images)
-        torch.cuda.synchronize()
-        del network
+        for _ in range(settings.warmup + settings.steps):
+            workload.step()
+        workload.sync()
+        del workload
         peak = max(torch.cuda.max_memory_allocated() - before, 0)
         out.update(peak_memory_mb=peak / 2**20, memory_kind="cuda",
                    memory_method="torch.cuda.max_memory_allocated during the inference passes, above the level before")
@@ -277,31 +257,20 @@ def inference_memory(model: Any, resolution: int, settings: Optional[BenchSettin
     return out
 
 
-def inference_workload(model: Any, resolution: int, settings: BenchSettings) -> Any:
-    """`bench`'s Workload for one recipe's inference: its `inference_network` (a copy: `model` is left as it
-    is), `settings.batch` random images at `resolution` in channels_last, no grad, on the GPU if there is
-    one."""
+def inference_workload(model: Any, resolution: int, settings: BenchSettings, device: Optional[str] = None) -> Any:
+    """`bench.inference_workload` for one recipe's network: its inference copy (BatchNorm folded into the
+    convolutions, Proxy Norm's scale and shift frozen; a copy: `model` is left as it is) in channels_last,
+    the network `evaluate`, `sweep`, `predict` and `export` run, over `settings.batch` random images at
+    `resolution`, no grad, on the GPU if there is one (or `device`)."""
     import torch
 
-    from ipu_effnet.analysis.bench import BenchConfig, Workload
+    from ipu_effnet.analysis import bench
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    network = inference_network(model, device)
-    cfg = BenchConfig(model=getattr(model, "name", "model"), res=resolution, batch=settings.batch, steps=settings.steps,
-                      warmup=settings.warmup, threads=settings.threads, mode="infer", device=device.type,
-                      channels_last=True)
-    images = torch.randn(settings.batch, 3, resolution, resolution, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
-
-    def step() -> None:
-        with torch.no_grad():
-            network(images)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return Workload(cfg, resolution, step, {}, sync=sync)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = bench.BenchConfig(model=getattr(model, "name", "model"), res=resolution, batch=settings.batch,
+                            steps=settings.steps, warmup=settings.warmup, threads=settings.threads, mode="infer",
+                            device=device, channels_last=True)
+    return bench.inference_workload(cfg, model, resolution)
 
 
 def measure_inference_speed(jobs: Sequence[Dict[str, Any]], settings: Optional[BenchSettings] = None,

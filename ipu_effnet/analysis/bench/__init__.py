@@ -51,7 +51,7 @@ from ipu_effnet.analysis.bench.report import BenchReport, ConfigResult, format_r
 from ipu_effnet.analysis.bench.runner import environment, run_bench
 from ipu_effnet.analysis.bench.step import training_workload
 from ipu_effnet.analysis.bench.timing import Timing, Workload, measure
-from ipu_effnet.analysis.bench.workloads import WORKLOADS, build_workload
+from ipu_effnet.analysis.bench.workloads import WORKLOADS, build_workload, inference_workload
 
 __all__ = [
     "DEVICES",
@@ -71,6 +71,7 @@ __all__ = [
     "environment",
     "format_report",
     "generated_jpeg_folder",
+    "inference_workload",
     "measure",
     "measure_memory_subprocess",
     "memory_probe",

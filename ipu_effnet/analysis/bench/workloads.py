@@ -12,6 +12,7 @@ from ipu_effnet.analysis.bench.build import (
     float_images,
     import_poptorch,
     maybe_compile,
+    torch_device,
 )
 from ipu_effnet.analysis.bench.config import BenchConfig
 from ipu_effnet.analysis.bench.data import data_workload
@@ -30,23 +31,27 @@ def train_workload(cfg: BenchConfig) -> Workload:
 
 def inference_model(model, cfg: BenchConfig):
     """The eval-mode model inference runs: ours with BatchNorm folded into the convolutions and Proxy
-    Norm's statistics frozen (`models.fold.inference_copy`) unless fold_bn=False."""
-    model.eval()
+    Norm's statistics frozen (`models.fold.inference_copy`, a copy: `model` is left as it is) unless
+    fold_bn=False (then `model` itself, in eval mode)."""
     if cfg.fold_bn and cfg.impl == "ours":
         from ipu_effnet.models.fold import inference_copy
 
-        model = inference_copy(model)
-    return model
+        return inference_copy(model)
+    return model.eval()
 
 
-def infer_workload(cfg: BenchConfig) -> Workload:
-    """Forward only, eval mode, under torch.no_grad() (models.fold.inference_copy unless fold_bn=False)."""
+def inference_workload(cfg: BenchConfig, network, res: int) -> Workload:
+    """Forward passes of `network` at `res` px over `cfg.batch` random images, eval mode, under
+    torch.no_grad(): `inference_model` of it, on cfg.device in cfg's memory format. compare times its
+    recipes' networks with this, as `training_workload` times their training step."""
     import torch
 
-    model, res = build_model(cfg)
     images = float_images(cfg, res)
-    params = sum(p.numel() for p in model.parameters())
-    model = inference_model(model, cfg)
+    params = sum(p.numel() for p in network.parameters())
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = inference_model(network, cfg)
+    if cfg.device != "ipu":
+        model = model.to(device=torch_device(cfg), memory_format=memory_format)
     info = {"params": params, "params_run": sum(p.numel() for p in model.parameters())}
     if cfg.device == "ipu":
         poptorch = import_poptorch()
@@ -59,6 +64,12 @@ def infer_workload(cfg: BenchConfig) -> Workload:
             forward(images)
 
     return Workload(cfg, res, step, info, sync=device_sync(cfg))
+
+
+def infer_workload(cfg: BenchConfig) -> Workload:
+    """Forward only, eval mode, under torch.no_grad() (models.fold.inference_copy unless fold_bn=False)."""
+    model, res = build_model(cfg)
+    return inference_workload(cfg, model, res)
 
 
 WORKLOADS: Dict[str, Callable[[BenchConfig], Workload]] = {
